@@ -1,0 +1,91 @@
+"""CHP-style log lines on stdout: `<ISO UTC time>Z [ConfigProxy] <level>: <message>`.
+
+CHP always colours the level word; we colour it only when stdout is a terminal, so log files and
+JupyterHub's captured output stay clean. `--log-format json` writes one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import TextIO
+
+LOGGER_NAME = "hubproxy"
+
+# CHP (winston) level names; winston's extra levels fold into the nearest Python one
+LEVELS = {
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "http": logging.DEBUG,
+    "verbose": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "silly": logging.DEBUG,
+}
+_NAMES = {
+    logging.ERROR: "error",
+    logging.WARNING: "warn",
+    logging.INFO: "info",
+    logging.DEBUG: "debug",
+}
+_COLOURS = {"error": "31", "warn": "33", "info": "32", "debug": "34"}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = int(record.created)
+    millis = int((record.created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _level_name(record: logging.LogRecord) -> str:
+    if record.levelno >= logging.ERROR:
+        return "error"
+    return _NAMES.get(record.levelno, record.levelname.lower())
+
+
+class ChpFormatter(logging.Formatter):
+    def __init__(self, colour: bool) -> None:
+        super().__init__()
+        self._colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = _level_name(record)
+        if self._colour:
+            level = f"\x1b[{_COLOURS.get(level, '0')}m{level}\x1b[39m"
+        line = f"{_timestamp(record)} [ConfigProxy] {level}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": _timestamp(record),
+            "level": _level_name(record),
+            "message": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            entry.update(extra)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout
+    handler = logging.StreamHandler(stream)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(ChpFormatter(colour=stream.isatty()))
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers[:] = [handler]
+    logger.setLevel(LEVELS[level.lower()])
+    logger.propagate = False
+    # aiohttp's own access log would duplicate our API log lines
+    logging.getLogger("aiohttp.access").disabled = True

@@ -1,0 +1,56 @@
+"""The RouteStore protocol: the one narrow interface every route store implements.
+
+The store is the truth; each process's RouteTable is a cache of it, kept current through the
+change feed (`watch`). Keys given to a store are always cleaned (`routing.clean_path`); data is a
+JSON-like dict whose `last_activity`, when present, is an aware UTC `datetime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+RouteData = dict[str, Any]
+
+
+class ChangeListener(Protocol):
+    """What a store tells its followers (the RouteTable implements this)."""
+
+    def route_set(self, key: str, data: Mapping[str, Any]) -> None: ...
+
+    def route_removed(self, key: str) -> None: ...
+
+    def routes_reset(self, routes: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take writes right now (the API answers 503, which JupyterHub retries)."""
+
+
+@runtime_checkable
+class RouteStore(Protocol):
+    async def start(self) -> None:
+        """Connect or open; afterwards get_all() answers and the change feed runs."""
+
+    async def close(self) -> None: ...
+
+    async def get(self, key: str) -> RouteData | None: ...
+
+    async def get_all(self) -> dict[str, RouteData]:
+        """Every route, in insertion order (re-adding a key keeps its place)."""
+
+    async def add(self, key: str, data: RouteData) -> None:
+        """Store `data` under `key`, replacing any previous data entirely."""
+
+    async def update(self, key: str, data: RouteData) -> None:
+        """Shallow-merge `data` into the existing route; a missing route is left missing."""
+
+    async def remove(self, key: str) -> bool:
+        """Remove the route; True if it existed."""
+
+    async def record_activity(self, activity: Mapping[str, datetime]) -> None:
+        """Merge a batch of activity marks: each route keeps the newer of the two times."""
+
+    def watch(self, listener: ChangeListener) -> None:
+        """Follow route additions, replacements and removals (not activity) from now on."""

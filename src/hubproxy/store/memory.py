@@ -1,0 +1,63 @@
+"""The embedded default store: routes live in this process's memory only (CHP's behaviour)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from datetime import datetime
+
+from hubproxy.store.base import ChangeListener, RouteData
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._routes: dict[str, RouteData] = {}
+        self._listeners: list[ChangeListener] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def get(self, key: str) -> RouteData | None:
+        data = self._routes.get(key)
+        return dict(data) if data is not None else None
+
+    async def get_all(self) -> dict[str, RouteData]:
+        # shallow copies: callers only read nested values, and 10,000 deep copies cost ~50 ms
+        return {key: dict(data) for key, data in self._routes.items()}
+
+    async def add(self, key: str, data: RouteData) -> None:
+        self._routes[key] = copy.deepcopy(data)
+        for listener in self._listeners:
+            listener.route_set(key, self._routes[key])
+
+    async def update(self, key: str, data: RouteData) -> None:
+        route = self._routes.get(key)
+        if route is None:
+            return
+        route.update(copy.deepcopy(data))
+        if "target" in data:
+            for listener in self._listeners:
+                listener.route_set(key, route)
+
+    async def remove(self, key: str) -> bool:
+        if self._routes.pop(key, None) is None:
+            return False
+        for listener in self._listeners:
+            listener.route_removed(key)
+        return True
+
+    async def record_activity(self, activity: Mapping[str, datetime]) -> None:
+        for key, when in activity.items():
+            route = self._routes.get(key)
+            if route is None:
+                continue
+            previous = route.get("last_activity")
+            if not isinstance(previous, datetime) or when > previous:
+                route["last_activity"] = when
+
+    def watch(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+        listener.routes_reset(self._routes)
