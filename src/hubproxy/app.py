@@ -98,6 +98,7 @@ async def serve(config: Config) -> int:
     proxy = ProxyService(config, table)
     api_runner = web.AppRunner(create_api_app(config, store, flusher), handle_signals=False)
     public_server: asyncio.Server | None = None
+    pid_written = False
     try:
         if config.default_target:
             await _add_default_route(store, config.default_target)
@@ -110,8 +111,13 @@ async def serve(config: Config) -> int:
         log.info("Proxy API at %s/api/routes", api.url())
         if config.pid_file:
             log.info("Writing pid %s to %s", os.getpid(), config.pid_file)
-            with open(config.pid_file, "w") as f:
-                f.write(str(os.getpid()))
+            try:
+                with open(config.pid_file, "w") as f:
+                    f.write(str(os.getpid()))
+            except OSError as e:
+                log.error("Cannot write pid file %s: %s", config.pid_file, e.strerror)
+                return 1
+            pid_written = True
 
         await stop.wait()
         log.warning("%s", stop_reason[0])
@@ -125,7 +131,7 @@ async def serve(config: Config) -> int:
         for bound in (public, api):
             bound.sock.close()
             remove_unix_socket(bound)
-        if config.pid_file:
+        if pid_written:
             log.debug("Removing %s", config.pid_file)
             with contextlib.suppress(OSError):
                 os.unlink(config.pid_file)

@@ -79,7 +79,10 @@ def _resolve(host: str | None, port: int) -> tuple[socket.AddressFamily, str, bo
 
 
 def bind_tcp(host: str | None, port: int, what: str) -> Bound:
-    family, address, dual_stack = _resolve(host, port)
+    try:
+        family, address, dual_stack = _resolve(host, port)
+    except ListenError as e:
+        raise ListenError(f"{what}: {e}") from e
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

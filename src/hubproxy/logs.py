@@ -14,17 +14,22 @@ from typing import TextIO
 
 LOGGER_NAME = "hubproxy"
 
-# CHP (winston) level names; winston's extra levels fold into the nearest Python one
+# CHP (winston) level names as thresholds. winston orders them error < warn < info < http <
+# verbose < debug < silly; CHP logs nothing at http, verbose or silly, so `http` and `verbose` show
+# what `info` shows, and `silly` what `debug` shows.
 LEVELS = {
     "error": logging.ERROR,
     "warn": logging.WARNING,
     "warning": logging.WARNING,
     "info": logging.INFO,
-    "http": logging.DEBUG,
-    "verbose": logging.DEBUG,
+    "http": 18,
+    "verbose": 15,
     "debug": logging.DEBUG,
-    "silly": logging.DEBUG,
+    "silly": 5,
 }
+# libraries whose warnings and errors (unhandled task exceptions, aiohttp's "Error handling
+# request") belong in our log, in our format, rather than on stderr without one
+LIBRARY_LOGGERS = ("asyncio", "aiohttp")
 _NAMES = {
     logging.ERROR: "error",
     logging.WARNING: "warn",
@@ -35,8 +40,8 @@ _COLOURS = {"error": "31", "warn": "33", "info": "32", "debug": "34"}
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    seconds = int(record.created)
-    millis = int((record.created - seconds) * 1000)
+    # whole milliseconds first: `created - int(created)` would turn .001 into .000999...
+    seconds, millis = divmod(round(record.created * 1000), 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
@@ -83,9 +88,15 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(ChpFormatter(colour=stream.isatty()))
+    threshold = LEVELS[level.lower()]
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers[:] = [handler]
-    logger.setLevel(LEVELS[level.lower()])
+    logger.setLevel(threshold)
     logger.propagate = False
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(max(threshold, logging.WARNING))
+        library.propagate = False
     # aiohttp's own access log would duplicate our API log lines
     logging.getLogger("aiohttp.access").disabled = True
