@@ -1,20 +1,164 @@
-"""The data plane (placeholder)."""
+"""The data plane: the public listener's protocol, upstream pools, error pages, timeouts."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
 
 from hubproxy.config import Config
-from hubproxy.routing import RouteTable
+from hubproxy.proxy.errors import ErrorPages
+from hubproxy.proxy.headers import ForwardRules
+from hubproxy.proxy.server import ClientConnection
+from hubproxy.proxy.target import TargetError, parse_target
+from hubproxy.proxy.upstream import Pool
+from hubproxy.routing import Route, RouteTable, split_segments
+
+log = logging.getLogger("hubproxy")
+
+UPSTREAM_IDLE_SECONDS = 30.0  # pooled connections unused this long are closed
+
+
+class ProxyStats:
+    """Counters the hot path bumps; the metrics issue exports them."""
+
+    __slots__ = ("requests_proxy", "requests_web", "requests_ws")
+
+    def __init__(self) -> None:
+        self.requests_web = 0
+        self.requests_ws = 0
+        self.requests_proxy: dict[int, int] = {}
 
 
 class ProxyService:
+    """Everything the connections of the public listener share."""
+
     def __init__(self, config: Config, table: RouteTable) -> None:
         self.config = config
         self.table = table
+        self.stats = ProxyStats()
+        self.errors = ErrorPages(config)
+        self.forward = ForwardRules(config)
+        self.host_routing = config.host_routing
+        self.include_prefix = config.include_prefix
+        self.prepend_path = config.prepend_path
+        self.proto = b"http"
+        self.ws_proto = b"ws"
+        self.auto_rewrite = config.auto_rewrite
+        self.protocol_rewrite = (
+            config.protocol_rewrite.encode() if config.protocol_rewrite else None
+        )
+        self.rewrite_locations = bool(config.auto_rewrite or config.protocol_rewrite)
+        self.keep_alive_header = b"Connection: keep-alive\r\nKeep-Alive: timeout=%d\r\n" % max(
+            1, config.keep_alive_timeout // 1000
+        )
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._pools: dict[str, Pool] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
-    def protocol_factory(self) -> asyncio.Protocol:
-        return asyncio.Protocol()
+    # -- used by connections ----------------------------------------------------------------------
+
+    def protocol_factory(self) -> ClientConnection:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return ClientConnection(self)
+
+    def pool_for(self, target: str) -> Pool:
+        pool = self._pools.get(target)
+        if pool is None:
+            parsed = parse_target(target)  # TargetError propagates: a 500 for this request
+            if parsed.scheme == "https":
+                raise TargetError(f"https targets are not supported yet: {target}")
+            pool = self._pools[target] = Pool(parsed, None)
+        return pool
+
+    def prefix_depth(self, route: Route) -> int:
+        depth = len(split_segments(route.prefix))
+        return depth - 1 if self.host_routing and depth else depth
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Uncaught Exception: %s", task.exception(), exc_info=task.exception())
+
+    # -- timeouts ---------------------------------------------------------------------------------
+
+    def _sweep_interval(self) -> float:
+        limits = [self.config.keep_alive_timeout]
+        if self.config.timeout:
+            limits.append(self.config.timeout)
+        if self.config.proxy_timeout:
+            limits.append(self.config.proxy_timeout)
+        return max(0.05, min(1.0, min(limits) / 1000 / 5))
+
+    async def _sweep(self) -> None:
+        """Enforce the idle and inactivity timeouts with one timer for all connections."""
+        interval = self._sweep_interval()
+        keep_alive = self.config.keep_alive_timeout / 1000
+        client_timeout = (self.config.timeout or 0) / 1000
+        proxy_timeout = (self.config.proxy_timeout or 0) / 1000
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.tunnel:
+                    continue
+                if conn.active is None:
+                    if now - max(conn.idle_since, conn.last_io) > keep_alive:
+                        conn.close()
+                    continue
+                if client_timeout and now - conn.last_io > client_timeout:
+                    conn.abort()  # CHP drops the client without an answer
+                    continue
+                upstream = conn.upstream
+                if (
+                    proxy_timeout
+                    and upstream is not None
+                    and now - upstream.last_io > proxy_timeout
+                ):
+                    if upstream.head_sent:
+                        conn.abort()
+                    else:
+                        request = conn.active
+                        upstream.client = None
+                        upstream.request = None
+                        upstream.pool.in_use -= 1
+                        upstream.abort()
+                        conn.upstream_failed(
+                            request, None, retryable=False, detail="socket hang up"
+                        )
+            for pool in self._pools.values():
+                if pool.idle:
+                    pool.close_idle(UPSTREAM_IDLE_SECONDS)
+
+    # -- stopping ---------------------------------------------------------------------------------
 
     async def drain(self, seconds: float) -> None:
-        return None
+        """Let in-flight requests finish (up to `seconds`), then close everything."""
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.active is None and not conn.tunnel:
+                conn.close()
+        deadline = time.monotonic() + seconds
+        while any(c.active is not None and not c.tunnel for c in self.connections):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for pool in self._pools.values():
+            pool.close_idle()
+        await self.errors.close()

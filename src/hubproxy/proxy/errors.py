@@ -1,0 +1,132 @@
+"""Error responses of the data plane: 404 (no route), 503 (upstream failure), 500 (internal).
+
+Three sources, as in CHP: an `--error-target` server asked for `<target>/<code>?url=<url>` (its
+body and content type served under our status), else `<dir>/<code>.html` or `<dir>/error.html`
+from `--error-path` (our built-in pages by default), else the plain reason phrase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import logging
+import pathlib
+import ssl
+import urllib.parse
+from typing import NamedTuple
+
+import aiohttp
+import yarl
+
+from hubproxy.config import Config
+from hubproxy.proxy.target import TargetError, parse_target
+
+log = logging.getLogger("hubproxy")
+
+BUILTIN_PAGES = pathlib.Path(__file__).resolve().parent.parent / "error"
+ERROR_PAGE_LIMIT = 1 << 20  # an error page larger than this is not a page; fall back
+ERROR_TARGET_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class ErrorBody(NamedTuple):
+    headers: list[tuple[bytes, bytes]]  # content-type / content-encoding to send
+    body: bytes
+
+
+def reason(code: int) -> bytes:
+    try:
+        return http.HTTPStatus(code).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+class ErrorPages:
+    def __init__(self, config: Config, client_ssl: ssl.SSLContext | None = None) -> None:
+        self._pages: dict[int | None, bytes] = {}
+        self._error_url: str | None = None
+        self._unix_path: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._client_ssl = client_ssl
+        if config.error_target:
+            url = (
+                config.error_target
+                if config.error_target.endswith("/")
+                else config.error_target + "/"
+            )
+            target = parse_target(url)  # validated by the CLI; raises TargetError otherwise
+            if target.unix_path is not None:
+                self._unix_path = target.unix_path
+                query = "?" + target.query if target.query else ""
+                url = "http://localhost" + target.path + query
+            self._error_url = url
+        else:
+            directory = pathlib.Path(config.error_path) if config.error_path else BUILTIN_PAGES
+            for name, code in (
+                ("404.html", 404),
+                ("503.html", 503),
+                ("500.html", 500),
+                ("error.html", None),
+            ):
+                with contextlib.suppress(OSError):
+                    self._pages[code] = (directory / name).read_bytes()
+
+    @property
+    def fetches(self) -> bool:
+        """True if error bodies come from an error target (asynchronously)."""
+        return self._error_url is not None
+
+    def page(self, code: int) -> ErrorBody:
+        """An error body available at once: a page file, else the plain reason phrase."""
+        html = self._pages.get(code) or self._pages.get(None)
+        if html is not None:
+            return ErrorBody([(b"Content-Type", b"text/html")], html)
+        return ErrorBody([], reason(code))
+
+    async def fetch(self, code: int, request_url: bytes) -> ErrorBody:
+        """Ask the error target for the page of `code`; the plain body if that fails."""
+        assert self._error_url is not None
+        url = _with_query(f"{self._error_url}{code}", request_url.decode("latin-1"))
+        log.debug("Requesting custom error page: %s", url)
+        try:
+            session = self._get_session()
+            async with session.get(yarl.URL(url, encoded=True), allow_redirects=False) as resp:
+                body = await resp.content.read(ERROR_PAGE_LIMIT + 1)
+                if len(body) > ERROR_PAGE_LIMIT:
+                    raise ValueError("error page larger than 1 MiB")
+                headers = [
+                    (name.encode("latin-1"), resp.headers[name].encode("latin-1"))
+                    for name in ("Content-Type", "Content-Encoding")
+                    if name in resp.headers
+                ]
+                return ErrorBody(headers, body)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TargetError) as e:
+            log.error("Failed to get custom error page: %s", e or type(e).__name__)
+            return ErrorBody([], reason(code))
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector: aiohttp.BaseConnector
+            if self._unix_path is not None:
+                connector = aiohttp.UnixConnector(path=self._unix_path)
+            else:
+                connector = aiohttp.TCPConnector(ssl=self._client_ssl or True)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=ERROR_TARGET_TIMEOUT,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _with_query(url: str, request_url: str) -> str:
+    """Add `url=<request_url>` (form-encoded, as URLSearchParams does) to `url`'s query."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.urlencode({"url": request_url})
+    query = parts.query + "&" + query if parts.query else query
+    return urllib.parse.urlunsplit(parts._replace(query=query))

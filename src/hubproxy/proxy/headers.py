@@ -1,0 +1,214 @@
+"""Header rewriting for both legs: pure functions over lists of raw `(name, value)` pairs.
+
+Upstream requests keep the client's headers except the hop-by-hop ones (RFC 9110 §7.6.1, plus
+`trailer` as CHP strips it), take the custom headers on top, and gain CHP's X-Forwarded-*.
+Responses keep the upstream's headers except the hop-by-hop ones; the proxy frames each leg
+itself and says so in `Connection` / `Transfer-Encoding`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from hubproxy.config import Config
+from hubproxy.proxy.target import DEFAULT_PORTS, Target
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
+)
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+# What the request builder must look at (anything else is copied through untouched).
+_HOST, _XFF, _XFPORT, _XFPROTO, _XFHOST, _LENGTH, _CHUNKED, _CONNECTION, _DROP = range(9)
+_SPECIAL_REQUEST = {
+    b"host": _HOST,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-port": _XFPORT,
+    b"x-forwarded-proto": _XFPROTO,
+    b"x-forwarded-host": _XFHOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CHUNKED,
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"upgrade": _DROP,
+    b"trailer": _DROP,
+}
+
+NO_BODY, LENGTH_BODY, CHUNKED_BODY = 0, 1, 2
+
+
+class ForwardRules:
+    """The request-rewriting part of the configuration, rendered to bytes once."""
+
+    __slots__ = ("change_origin", "custom", "special", "x_forward")
+
+    def __init__(self, config: Config) -> None:
+        self.x_forward = config.x_forward
+        self.change_origin = config.change_origin
+        custom: dict[bytes, tuple[bytes, bytes]] = {}
+        for name, value in config.custom_headers:
+            raw = name.encode("latin-1")
+            custom[raw.lower()] = (raw, value.encode("latin-1"))
+        self.custom = b"".join(n + b": " + v + b"\r\n" for n, v in custom.values())
+        special = dict(_SPECIAL_REQUEST)
+        if not self.x_forward:  # X-Forwarded-* pass through untouched
+            for name in (b"x-forwarded-for", b"x-forwarded-port", b"x-forwarded-proto"):
+                del special[name]
+            del special[b"x-forwarded-host"]
+        for lowered in custom:  # custom headers replace the client's, whatever their case
+            if special.get(lowered) != _HOST:
+                special[lowered] = _DROP
+        self.special = special
+
+
+class RequestHead(NamedTuple):
+    head: bytes
+    body: int  # NO_BODY, LENGTH_BODY or CHUNKED_BODY
+    host: bytes | None  # the client's Host header
+
+
+def _port_of(host: bytes | None) -> bytes | None:
+    if not host:
+        return None
+    if host.startswith(b"["):
+        _, _, rest = host.partition(b"]")
+        return rest[1:] if rest.startswith(b":") and rest[1:].isdigit() else None
+    _, colon, port = host.partition(b":")
+    return port if colon and port.isdigit() else None
+
+
+def build_request_head(
+    rules: ForwardRules,
+    method: bytes,
+    path: bytes,
+    headers: Headers,
+    target: Target,
+    client_ip: bytes,
+    proto: bytes,
+    websocket: bool = False,
+) -> RequestHead:
+    """The upstream request line and headers, and how its body is framed."""
+    out = [method, b" ", path, b" HTTP/1.1\r\n"]
+    special = rules.special
+    host = xff = xfport = xfproto = xfhost = None
+    body = NO_BODY
+    connection_options: list[bytes] = []
+    for name, value in headers:
+        kind = special.get(name.lower())
+        if kind is None:
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _HOST:
+            host = value
+        elif kind == _LENGTH:
+            body = LENGTH_BODY
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _CHUNKED:
+            body = CHUNKED_BODY  # the parser has refused every other coding
+        elif kind == _CONNECTION:
+            connection_options += (o.strip().lower() for o in value.split(b","))
+        elif kind == _XFF:
+            xff = value if xff is None else xff + b"," + value
+        elif kind == _XFPORT:
+            xfport = value if xfport is None else xfport + b"," + value
+        elif kind == _XFPROTO:
+            xfproto = value if xfproto is None else xfproto + b"," + value
+        elif kind == _XFHOST:
+            xfhost = value if xfhost is None else xfhost
+    if connection_options:
+        named = {o for o in connection_options if o and o not in _CONNECTION_OPTIONS}
+        if named:  # headers the client marked as hop-by-hop go no further (RFC 9110 §7.6.1)
+            out = _without(out, named)
+    if rules.change_origin or host is None:
+        out += (b"Host: ", target.netloc, b"\r\n")
+    else:
+        out += (b"Host: ", host, b"\r\n")
+    if rules.x_forward:
+        port = _port_of(host) or (b"443" if proto in (b"https", b"wss") else b"80")
+        out += (
+            b"X-Forwarded-For: ",
+            client_ip if xff is None else xff + b"," + client_ip,
+            b"\r\nX-Forwarded-Port: ",
+            port if xfport is None else xfport + b"," + port,
+            b"\r\nX-Forwarded-Proto: ",
+            proto if xfproto is None else xfproto + b"," + proto,
+            b"\r\n",
+        )
+        if not websocket:  # CHP sends none on WebSocket upgrades
+            out += (b"X-Forwarded-Host: ", xfhost or host or b"", b"\r\n")
+    if rules.custom:
+        out.append(rules.custom)
+    if body == CHUNKED_BODY:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif body == NO_BODY and method in (b"DELETE", b"OPTIONS"):
+        out.append(b"Content-Length: 0\r\n")
+    if websocket:
+        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    out.append(b"\r\n")
+    return RequestHead(b"".join(out), body, host)
+
+
+def _without(out: list[bytes], names: set[bytes]) -> list[bytes]:
+    """`out` (a request line then name/": "/value/CRLF quadruples) without the named headers."""
+    kept = out[:4]
+    for i in range(4, len(out), 4):
+        if out[i].lower() not in names:
+            kept += out[i : i + 4]
+    return kept
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+_RESPONSE_DROP = HOP_BY_HOP | {b"trailer"}
+
+
+def rewrite_location(
+    location: bytes,
+    target: Target,
+    client_host: bytes | None,
+    auto_rewrite: bool,
+    protocol_rewrite: bytes | None,
+) -> bytes:
+    """CHP's Location rewrite: only absolute Locations that point at the target itself."""
+    scheme, sep, rest = location.partition(b"://")
+    if not sep:
+        return location
+    authority, slash, tail = rest.partition(b"/")
+    if authority.lower() not in _authorities(target):
+        return location
+    if auto_rewrite and client_host:
+        authority = client_host
+    if protocol_rewrite:
+        scheme = protocol_rewrite
+    return scheme + b"://" + authority + slash + tail
+
+
+def _authorities(target: Target) -> tuple[bytes, ...]:
+    """The spellings of the target's host:port in a URL (the port may be left out if default)."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    explicit = f"{host}:{target.port}".encode().lower()
+    if DEFAULT_PORTS.get(target.scheme) == target.port:
+        return explicit, host.encode().lower()
+    return (explicit,)
+
+
+def filter_response_headers(headers: Headers) -> tuple[Headers, bytes | None]:
+    """Drop hop-by-hop headers; also return the Content-Length value if there is one."""
+    kept: Headers = []
+    length = None
+    named: set[bytes] = set()
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _RESPONSE_DROP:
+            if lowered == b"connection":
+                named.update(o.strip().lower() for o in value.split(b","))
+            continue
+        if lowered == b"content-length":
+            length = value
+        kept.append((name, value))
+    if named - _CONNECTION_OPTIONS:
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
+    return kept, length

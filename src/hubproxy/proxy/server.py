@@ -1,0 +1,562 @@
+"""The client leg: one Protocol per client connection, parsing requests with httptools.
+
+Theory of operation. httptools calls us back as it parses; at the end of a request's headers
+(`on_headers_complete`) the request is started if nothing else is in flight, otherwise queued
+(pipelining; reading pauses until the queue drains, so at most one read of requests waits in
+memory). Starting means: route lookup in the in-memory table, the upstream head built, and an
+upstream connection taken from the target's pool (or, rarely, connected in a task). Body chunks
+are written to the upstream as they are parsed; chunks that arrive before an upstream is
+attached wait in `Request.pending`, and reading pauses meanwhile. The upstream leg writes the
+response and calls `response_done`, which starts the next request or leaves the connection idle.
+
+Flow control: reading from the client pauses while the upstream's write buffer is full, and
+reading from the upstream pauses while the client's write buffer is full (`pause_writing`).
+Several reasons can pause reading at once; `_pause`/`_resume` keep them as bits.
+
+After an upgrade (`101`) both connections become a byte tunnel; see `become_tunnel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import httptools
+
+from hubproxy.proxy.errors import ErrorBody, reason
+from hubproxy.proxy.headers import build_request_head
+from hubproxy.proxy.paths import (
+    BadPath,
+    decode_path,
+    host_key,
+    join_paths,
+    split_target,
+    strip_prefix,
+)
+from hubproxy.proxy.target import TargetError
+from hubproxy.proxy.upstream import Pool, UpstreamConnection, describe_error
+from hubproxy.routing import Route
+
+if TYPE_CHECKING:
+    from hubproxy.proxy import ProxyService
+
+log = logging.getLogger("hubproxy")
+
+MAX_HEAD_BYTES = 64 * 1024  # request line plus headers; beyond it: 431
+HEALTH_BODY = b'{"status":"OK"}'
+
+# reasons for not reading from the client
+_PIPELINE, _CONNECTING, _UPSTREAM_FULL = 1, 2, 4
+
+
+class Request:
+    __slots__ = (
+        "body_kind",
+        "complete",
+        "head",
+        "headers",
+        "headers_done",
+        "host",
+        "http11",
+        "keep_alive",
+        "method",
+        "pending",
+        "route",
+        "upgrade",
+        "url",
+        "websocket",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.method = b""
+        self.http11 = True
+        self.keep_alive = True
+        self.upgrade = False
+        self.websocket = False
+        self.head = False
+        self.complete = False
+        # body chunks parsed before an upstream was attached; None once streaming
+        self.pending: list[bytes] | None = []
+        self.route: Route | None = None
+        self.host: bytes | None = None
+        self.body_kind = 0
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = b"undefined"
+        self.parsing: Request | None = None  # the request httptools is filling in
+        self.active: Request | None = None  # the request being answered
+        self.queue: collections.deque[Request] = collections.deque()
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_out: list[bytes] = []
+        self.head_bytes = 0
+        self.paused = 0
+        self.closed = False
+        self.tunnel = False
+        self.eofs = 0
+        self.idle_since = time.monotonic()
+        self.last_io = self.idle_since
+
+    # -- connection lifecycle --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        self.service.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip = str(peer[0]).encode()
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.service.connections.discard(self)
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            # its response was not read to its end: never reuse it
+            if not upstream.tunnel:
+                upstream.pool.in_use -= 1
+            upstream.abort()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel and self.upstream is not None:
+            self.upstream.write_eof()
+            self.eofs += 1
+            if self.eofs >= 2:
+                return None
+            return True
+        return None
+
+    # -- flow control ----------------------------------------------------------------------------
+
+    def _pause(self, why: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def _resume(self, why: int) -> None:
+        if not self.paused & why:
+            return
+        self.paused &= ~why
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def pause_reading_for_upstream(self) -> None:
+        self._pause(_UPSTREAM_FULL)
+
+    def resume_reading_for_upstream(self) -> None:
+        self._resume(_UPSTREAM_FULL)
+
+    def pause_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None and not upstream.closed:
+            upstream.transport.resume_reading()
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def transport_write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def transport_writelines(self, data: list[bytes]) -> None:
+        if not self.closed and self.transport is not None:
+            if len(data) == 1:
+                self.transport.write(data[0])
+            else:
+                self.transport.write(b"".join(data))
+
+    def connection_header(self, request: Request) -> bytes:
+        if request.keep_alive and not self.service.draining:
+            return self.service.keep_alive_header
+        request.keep_alive = False
+        return b"Connection: close\r\n"
+
+    # -- reading requests ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_io = time.monotonic()
+        if self.tunnel:
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.write(data)
+                route = self.active.route if self.active is not None else None
+                if route is not None:
+                    self.service.table.mark_active(route)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._flush_upstream()
+            rest = data[upgrade.args[0] :]
+            if rest and self.active is not None and self.active.pending is not None:
+                self.active.pending.append(rest)
+            elif rest and self.upstream is not None:
+                self.upstream.write(rest)
+            return
+        except httptools.HttpParserError as e:
+            self._flush_upstream()
+            self._bad_request(e)
+            return
+        self._flush_upstream()
+
+    def _flush_upstream(self) -> None:
+        out = self.upstream_out
+        if out:
+            upstream = self.upstream
+            if upstream is not None and upstream.transport is not None:
+                upstream.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            out.clear()
+        if self.queue:
+            self._pause(_PIPELINE)
+
+    def _bad_request(self, exc: Exception) -> None:
+        if self.active is not None:
+            # a request is being answered: its answer cannot be followed by ours
+            self.abort()
+            return
+        status = 431 if self.head_bytes > MAX_HEAD_BYTES else 400
+        log.debug("Bad request from %s: %s", self.client_ip.decode(), exc)
+        body = reason(status)
+        self.transport_write(
+            b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, body, len(body), body)
+        )
+        self.close()
+
+    def on_message_begin(self) -> None:
+        self.parsing = Request()
+        self.head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        request.url += url
+        self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        if request.headers_done:
+            return  # a trailer: dropped, as CHP does
+        request.headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        request = self.parsing
+        assert request is not None
+        parser = self.parser
+        request.headers_done = True
+        request.method = method = parser.get_method()
+        request.head = method == b"HEAD"
+        request.http11 = parser.get_http_version() == "1.1"
+        request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
+        if self.active is None:
+            self.start(request)
+        else:
+            self.queue.append(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.parsing
+        assert request is not None
+        if request.route is not None:  # CHP counts every body chunk as activity
+            self.service.table.mark_active(request.route)
+        pending = request.pending
+        if pending is not None:
+            pending.append(body)
+        elif request is self.active and self.upstream is not None:
+            if request.body_kind == 2:
+                self.upstream_out += (b"%x\r\n" % len(body), body, b"\r\n")
+            else:
+                self.upstream_out.append(body)
+        # else: the answer was an error; the rest of the body is read and dropped
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        assert request is not None
+        request.complete = True
+        if request.pending is None and request.body_kind == 2 and request is self.active:
+            self.upstream_out.append(b"0\r\n\r\n")
+
+    # -- answering -------------------------------------------------------------------------------
+
+    def start(self, request: Request) -> None:
+        self.active = request
+        service = self.service
+        url = request.url
+        if url == b"/_chp_healthz":
+            self._send_health(request)
+            return
+        if request.upgrade:
+            service.stats.requests_ws += 1
+        else:
+            service.stats.requests_web += 1
+        try:
+            path, query = split_target(url)
+            key = decode_path(path)
+        except BadPath as e:
+            self.fail(request, 500, f"URIError: {e}")
+            return
+        if service.host_routing:
+            for name, value in request.headers:
+                if name.lower() == b"host":
+                    request.host = value
+                    break
+            key = host_key(request.host, key)
+        route = service.table.lookup(key)
+        if route is None:
+            self.fail(request, 404, "Not Found")
+            return
+        request.route = route
+        if request.upgrade:
+            if not self._websocket_acceptable(request):
+                self.abort()
+                return
+            request.websocket = True
+        try:
+            pool = service.pool_for(route.target)
+        except TargetError as e:
+            self.fail(request, 500, str(e))
+            return
+        target = pool.target
+        if not service.include_prefix:
+            path = strip_prefix(path, service.prefix_depth(route))
+        if service.prepend_path:
+            if target.path != "/" or target.query:
+                path = join_paths(target.path.encode(), target.query.encode(), path, query)
+            elif query:
+                path = path + b"?" + query
+        else:
+            path = join_paths(b"/", b"", path, query)
+        head = build_request_head(
+            service.forward,
+            request.method,
+            path or b"/",
+            request.headers,
+            target,
+            self.client_ip,
+            service.ws_proto if request.websocket else service.proto,
+            websocket=request.websocket,
+        )
+        request.host = head.host
+        request.body_kind = head.body
+        log.debug(
+            "PROXY %s %s to %s",
+            "WS" if request.websocket else "WEB",
+            url.partition(b"?")[0].decode("latin-1"),
+            route.target,
+        )
+        conn = pool.take()
+        if conn is not None:
+            self._attach(request, conn, head.head)
+        else:
+            self._pause(_CONNECTING)
+            service.spawn(self._connect(request, pool, head.head))
+
+    def _websocket_acceptable(self, request: Request) -> bool:
+        if request.method != b"GET":
+            return False
+        for name, value in request.headers:
+            if name.lower() == b"upgrade":
+                return value.strip().lower() == b"websocket"
+        return False
+
+    async def _connect(self, request: Request, pool: Pool, head: bytes) -> None:
+        try:
+            conn = await pool.connect()
+        except (TimeoutError, OSError, ValueError) as e:
+            self._resume(_CONNECTING)
+            self.upstream_failed(request, e, retryable=False)
+            return
+        self._resume(_CONNECTING)
+        if self.closed or request is not self.active:
+            pool.release(conn)
+            return
+        self._attach(request, conn, head)
+
+    def _attach(self, request: Request, conn: UpstreamConnection, head: bytes) -> None:
+        self.upstream = conn
+        conn.begin(self, request)
+        out = [head]
+        pending = request.pending or ()
+        if request.body_kind == 2:
+            for chunk in pending:
+                out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            if request.complete:
+                out.append(b"0\r\n\r\n")
+        else:
+            out += pending
+        request.pending = None
+        assert conn.transport is not None
+        conn.transport.write(b"".join(out) if len(out) > 1 else head)
+
+    def count_response(self, status: int) -> None:
+        counts = self.service.stats.requests_proxy
+        counts[status] = counts.get(status, 0) + 1
+
+    def response_done(self, request: Request, status: int) -> None:
+        """The upstream's answer to `request` has been written in full."""
+        self.upstream = None
+        route = request.route
+        if route is not None and status < 300:
+            self.service.table.mark_active(route)
+        self._finish(request)
+
+    def _finish(self, request: Request) -> None:
+        if request is not self.active:
+            return
+        self.active = None
+        if not (request.keep_alive and request.complete) or self.service.draining:
+            self.close()
+            return
+        if self.queue:
+            self.start(self.queue.popleft())
+            if not self.queue:
+                self._resume(_PIPELINE)
+            self._flush_upstream()
+        else:
+            self.idle_since = time.monotonic()
+            self._resume(_PIPELINE)
+
+    def response_broken(self, request: Request) -> None:
+        """The upstream failed after its response began: the client can only be cut off."""
+        self.upstream = None
+        log.error(
+            "%s %s upstream connection lost mid-response",
+            request.method.decode(),
+            request.url.partition(b"?")[0].decode("latin-1"),
+        )
+        self.abort()
+
+    def upstream_failed(
+        self,
+        request: Request,
+        exc: BaseException | None,
+        retryable: bool,
+        detail: str | None = None,
+    ) -> None:
+        """The upstream failed before its response began."""
+        self.upstream = None
+        if request is not self.active or self.closed:
+            return
+        route = request.route
+        if retryable and request.body_kind == 0 and route is not None:
+            # a kept-alive connection the target had closed meanwhile: one fresh try
+            request.pending = []
+            self.active = None
+            self.start(request)
+            return
+        if detail is None:
+            try:
+                target = self.service.pool_for(route.target).target if route else None
+            except TargetError:
+                target = None
+            detail = describe_error(exc, target) if target is not None else str(exc)
+        if request.websocket:
+            self._websocket_error(request, 503, detail)
+            return
+        self.fail(request, 503, detail)
+
+    # -- errors and the health check -------------------------------------------------------------
+
+    def fail(self, request: Request, status: int, detail: str) -> None:
+        service = self.service
+        url = request.url.partition(b"?")[0].decode("latin-1")
+        log.error("%d %s %s %s", status, request.method.decode(), url, detail)
+        self.count_response(status)
+        if request.upgrade:
+            self._websocket_error(request, status, detail)
+            return
+        request.pending = None
+        if service.errors.fetches:
+            service.spawn(self._send_fetched_error(request, status))
+        else:
+            self._send_error(request, status, service.errors.page(status))
+
+    def _websocket_error(self, request: Request, status: int, detail: str) -> None:
+        self.transport_write(b"HTTP/1.1 %d\r\nContent-Length: 0\r\n\r\n" % status)
+        self.active = None
+        self.close()
+
+    async def _send_fetched_error(self, request: Request, status: int) -> None:
+        body = await self.service.errors.fetch(status, request.url)
+        self._send_error(request, status, body)
+
+    def _send_error(self, request: Request, status: int, error: ErrorBody) -> None:
+        if self.closed or request is not self.active:
+            return
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
+        for name, value in error.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"Content-Length: %d\r\n" % len(error.body))
+        parts.append(self.connection_header(request))
+        parts.append(b"\r\n")
+        if not request.head:
+            parts.append(error.body)
+        self.transport_write(b"".join(parts))
+        self._finish(request)
+
+    def _send_health(self, request: Request) -> None:
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (len(HEALTH_BODY), self.connection_header(request))
+        )
+        request.pending = None
+        self.transport_write(head if request.head else head + HEALTH_BODY)
+        self._finish(request)
+
+    # -- tunnel ----------------------------------------------------------------------------------
+
+    def become_tunnel(self, upstream: UpstreamConnection) -> None:
+        """The target accepted the upgrade: from now on, bytes flow unparsed both ways."""
+        self.tunnel = True
+        self.upstream = upstream
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._resume(_PIPELINE | _CONNECTING)
+
+    def peer_eof(self) -> None:
+        """The target finished sending: pass the half-close on."""
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.eofs += 1
+        if self.eofs >= 2:
+            self.close()
+
+    def tunnel_closed(self) -> None:
+        self.upstream = None
+        self.close()

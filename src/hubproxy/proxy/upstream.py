@@ -1,0 +1,402 @@
+"""The upstream leg: one Protocol per connection to a target, pooled per target.
+
+An `UpstreamConnection` serves one exchange at a time for the `ClientConnection` it is lent to.
+It parses the response with httptools and writes it to the client re-framed for the client
+(the proxy removes `Transfer-Encoding` and chunks again itself), gathering everything one read
+produces into a single write. After a complete response that left the connection reusable it
+goes back to its `Pool`; anything else closes it, so a connection whose response was not read
+to its end is never reused.
+
+After a `101 Switching Protocols` the connection becomes one half of a byte tunnel (WebSocket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+import httptools
+
+from hubproxy.proxy.headers import filter_response_headers, rewrite_location
+from hubproxy.proxy.target import Target
+
+if TYPE_CHECKING:
+    from hubproxy.proxy.server import ClientConnection, Request
+
+log = logging.getLogger("hubproxy")
+
+MAX_IDLE_PER_TARGET = 256  # Node's keep-alive agent keeps as many free sockets
+_REWRITE_STATUSES = frozenset({201, 301, 302, 307, 308})
+
+
+def describe_error(exc: BaseException | None, target: Target) -> str:
+    """A one-line error detail in CHP's style (`connect ECONNREFUSED 127.0.0.1:9199`)."""
+    where = target.unix_path if target.unix_path is not None else f"{target.host}:{target.port}"
+    if isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
+    ):
+        return f"connect {errno.errorcode.get(exc.errno or 0, 'ECONNREFUSED')} {where}"
+    if isinstance(exc, OSError) and exc.errno in errno.errorcode:
+        return f"{errno.errorcode[exc.errno]} {where}: {exc.strerror}"
+    if exc is None:
+        return "socket hang up"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Pool:
+    """Idle keep-alive connections to one target, most recently used first."""
+
+    __slots__ = ("idle", "in_use", "loop", "ssl_context", "target")
+
+    def __init__(self, target: Target, ssl_context: ssl.SSLContext | None) -> None:
+        self.target = target
+        self.ssl_context = ssl_context
+        self.idle: list[UpstreamConnection] = []
+        self.in_use = 0
+        self.loop = asyncio.get_running_loop()
+
+    def take(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                self.in_use += 1
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        target = self.target
+        if target.unix_path is not None:
+            _, conn = await self.loop.create_unix_connection(
+                lambda: UpstreamConnection(self), target.unix_path
+            )
+        else:
+            _, conn = await self.loop.create_connection(
+                lambda: UpstreamConnection(self),
+                target.host,
+                target.port,
+                ssl=self.ssl_context,
+                server_hostname=target.host if self.ssl_context is not None else None,
+            )
+        self.in_use += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.in_use -= 1
+        if conn.closed:
+            return
+        if len(self.idle) >= MAX_IDLE_PER_TARGET:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def lost(self, conn: UpstreamConnection) -> None:
+        """A connection closed: forget it if it was idle."""
+        if conn.client is None and conn in self.idle:
+            self.idle.remove(conn)
+
+    def close_idle(self, older_than: float | None = None) -> None:
+        now = time.monotonic()
+        keep: list[UpstreamConnection] = []
+        for conn in self.idle:
+            if older_than is None or now - conn.idle_since > older_than:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle[:] = keep
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.last_io = 0.0
+        # the exchange in progress
+        self.client: ClientConnection | None = None
+        self.request: Request | None = None
+        self.out: list[bytes] = []
+        self._reset_exchange()
+        self.tunnel = False
+
+    def _reset_exchange(self) -> None:
+        self.got_data = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.status = 0
+        self.head_sent = False
+        self.chunked_out = False
+        self.until_close = False  # the response body ends when the upstream closes
+        self.informational = False
+        self.skip_body = False
+        self.keep_alive = False  # read while parsing: httptools forgets it once a message ends
+        self.done = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def begin(self, client: ClientConnection, request: Request) -> None:
+        """Lend this connection to `client` for `request` (whose head the client writes)."""
+        self.client = client
+        self.request = request
+        self.last_io = time.monotonic()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.client = None
+        self.request = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        client = self.client
+        if client is None:
+            self.pool.lost(self)
+            return
+        if self.tunnel:
+            client.tunnel_closed()
+            return
+        request = self.request
+        self.client = None
+        self.request = None
+        self.pool.in_use -= 1
+        assert request is not None
+        if self.until_close and self.head_sent:
+            # a body delimited by the connection's end has just ended
+            if self.chunked_out:
+                client.transport_write(b"0\r\n\r\n")
+            client.response_done(request, self.status)
+        elif self.head_sent:
+            client.response_broken(request)
+        else:
+            client.upstream_failed(request, exc, retryable=self.reused and not self.got_data)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel and self.client is not None:
+            self.client.peer_eof()
+            return True
+        return None
+
+    # -- flow control ----------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for_upstream()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading_for_upstream()
+
+    # -- reading the response --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:  # an idle connection has nothing to say; don't trust it again
+            self.close()
+            return
+        self.last_io = time.monotonic()
+        if self.tunnel:
+            client.transport_write(data)
+            return
+        self.got_data = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._flush(client)
+            if self.status == 101:
+                self._become_tunnel(client, data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserError as e:
+            self._flush(client)
+            self._protocol_error(client, e)
+            return
+        self._flush(client)
+        if self.done:
+            self._complete(client)
+
+    def _flush(self, client: ClientConnection) -> None:
+        out = self.out
+        if out:
+            client.transport_writelines(out)
+            out.clear()
+
+    def _protocol_error(self, client: ClientConnection, exc: Exception) -> None:
+        request = self.request
+        self.client = None
+        self.request = None
+        self.pool.in_use -= 1
+        self.abort()
+        assert request is not None
+        if self.head_sent:
+            client.response_broken(request)
+        else:
+            client.upstream_failed(request, exc, retryable=False, detail=f"bad response: {exc}")
+
+    def _complete(self, client: ClientConnection) -> None:
+        request = self.request
+        assert request is not None
+        reusable = (
+            not self.until_close
+            and request.complete
+            and request.pending is None
+            and self.keep_alive
+        )
+        if self.skip_body:
+            # the parser still waits for the body a HEAD response never has: start afresh
+            self.parser = httptools.HttpResponseParser(self)
+        status = self.status
+        self.client = None
+        self.request = None
+        self._reset_exchange()
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.pool.in_use -= 1
+            self.close()
+        client.response_done(request, status)
+
+    # httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_sent:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.status = status
+        if status < 200 and status != 101:
+            # 100 Continue and friends: relay them, then wait for the final response
+            self.informational = True
+            self.out.append(
+                b"HTTP/1.1 %d %s\r\n%s\r\n"
+                % (status, self.reason, b"".join(n + b": " + v + b"\r\n" for n, v in self.headers))
+            )
+            self.headers = []
+            return
+        client = self.client
+        request = self.request
+        assert client is not None and request is not None
+        if status == 101:
+            if request.websocket:
+                self.out.append(_head(status, self.reason, self.headers, b""))
+                self.head_sent = True
+            return
+        self.head_sent = True
+        headers, length = filter_response_headers(self.headers)
+        rules = client.service
+        if rules.rewrite_locations and status in _REWRITE_STATUSES:
+            headers = self._rewrite_locations(headers, client, request)
+        no_body = request.head or status in (204, 304)
+        if no_body:
+            framing = b""
+            if request.head and (length is None or length != b"0"):
+                self.skip_body = True
+                self.keep_alive = self.parser.should_keep_alive()
+                self.done = True
+        elif length is not None:
+            framing = b""
+        elif request.http11:
+            framing = b"Transfer-Encoding: chunked\r\n"
+            self.chunked_out = True
+        else:
+            framing = b""
+            request.keep_alive = False
+        if not no_body and length is None and not _is_chunked(self.headers):
+            self.until_close = True
+        if request.websocket:  # a refused upgrade: relay the answer, then close both sides
+            request.keep_alive = False
+        self.out.append(
+            _head(status, self.reason, headers, framing + client.connection_header(request))
+        )
+        client.count_response(status)
+
+    def _rewrite_locations(self, headers, client, request):  # type: ignore[no-untyped-def]
+        service = client.service
+        host = request.host
+        return [
+            (
+                name,
+                rewrite_location(
+                    value, self.pool.target, host, service.auto_rewrite, service.protocol_rewrite
+                )
+                if name.lower() == b"location"
+                else value,
+            )
+            for name, value in headers
+        ]
+
+    def on_body(self, body: bytes) -> None:
+        if self.skip_body or self.informational:
+            return
+        if self.chunked_out:
+            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            self.out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            self.head_sent = False
+            return
+        if self.chunked_out and not self.skip_body:
+            self.out.append(b"0\r\n\r\n")
+        self.until_close = False
+        self.keep_alive = self.parser.should_keep_alive()
+        self.done = True
+
+    # -- tunnel (after 101) ----------------------------------------------------------------------
+
+    def _become_tunnel(self, client: ClientConnection, rest: bytes) -> None:
+        self.tunnel = True
+        self.pool.in_use -= 1  # never returns to the pool
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        client.become_tunnel(self)
+        if rest:
+            client.transport_write(rest)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+
+def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(n.lower() == b"transfer-encoding" for n, _ in headers)
+
+
+def _head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], extra: bytes) -> bytes:
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (extra, b"\r\n")
+    return b"".join(parts)
