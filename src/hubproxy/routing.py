@@ -50,12 +50,16 @@ class Route:
 
 
 class _Node:
-    __slots__ = ("children", "prefix", "route")
+    __slots__ = ("children", "prefix", "route", "shadowed")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.children: dict[str, _Node] = {}
         self.route: Route | None = None
+        # Routes of other keys that land on this same node (`/a` and `/a/`, `//a`: keys differ
+        # but their segments do not), oldest first. The newest set wins, as in CHP, but removing
+        # it brings the previous one back instead of leaving a listed route unroutable.
+        self.shadowed: list[Route] | None = None
 
 
 class RouteTable:
@@ -95,42 +99,60 @@ class RouteTable:
         """Add or replace the route stored under `key` (an already cleaned key)."""
         target = data.get("target")
         if not isinstance(target, str):
+            # not routable (the API never stores such data); forget any previous route
+            self.route_removed(key)
             return
-        segments = split_segments(key)
         node = self._root
-        for segment in segments:
+        for segment in split_segments(key):
             child = node.children.get(segment)
             if child is None:
-                prefix = (
-                    node.prefix + segment if node is self._root else node.prefix + "/" + segment
-                )
+                prefix = "/" + segment if node is self._root else node.prefix + "/" + segment
                 child = node.children[segment] = _Node(prefix)
             node = child
         old = self._routes.get(key)
         if old is not None and old.target == target and node.route is old:
             return
-        route = Route(key, node.prefix, target)
+        if old is None or old.target != target:
+            route = Route(key, node.prefix, target)
+            if old is not None:
+                # keep unflushed activity: requests in flight may still mark the old object
+                route.active_at = old.active_at
+                if self._dirty_remove(old):
+                    self._dirty.add(route)
+        else:
+            route = old  # same target, but shadowed by an alias: bring it back to the front
         if old is not None:
-            route.active_at = old.active_at
-            self._dirty.discard(old)
-            if old.active_at:
-                self._dirty.add(route)
-        self._routes[key] = route
+            if node.route is old:
+                node.route = None
+            else:
+                assert node.shadowed is not None
+                node.shadowed.remove(old)
+        if node.route is not None:
+            if node.shadowed is None:
+                node.shadowed = []
+            node.shadowed.append(node.route)
         node.route = route
+        if not node.shadowed:
+            node.shadowed = None
+        self._routes[key] = route
 
     def route_removed(self, key: str) -> None:
         route = self._routes.pop(key, None)
         if route is None:
             return
-        self._dirty.discard(route)
+        self._dirty_remove(route)
+        segments = split_segments(key)
         path: list[_Node] = [self._root]
         node = self._root
-        segments = split_segments(key)
         for segment in segments:
             node = node.children[segment]
             path.append(node)
         if node.route is route:
-            node.route = None
+            node.route = node.shadowed.pop() if node.shadowed else None
+        elif node.shadowed is not None:
+            node.shadowed.remove(route)
+        if not node.shadowed:
+            node.shadowed = None
         # prune branches left with neither data nor children, deepest first
         for depth in range(len(segments), 0, -1):
             child = path[depth]
@@ -145,13 +167,23 @@ class RouteTable:
         for key, data in routes.items():
             self.route_set(key, data)
 
+    def _dirty_remove(self, route: Route) -> bool:
+        if route in self._dirty:
+            self._dirty.discard(route)
+            return True
+        return False
+
     # -- activity --------------------------------------------------------------------------------
 
     def take_activity(self) -> dict[str, float]:
         """The newest activity per store key since the last call, and forget it."""
         if not self._dirty:
             return {}
-        marks = {route.key: route.active_at for route in self._dirty}
+        marks: dict[str, float] = {}
+        for route in self._dirty:
+            # a replaced route's old object may still be marked by requests in flight
+            if route.active_at > marks.get(route.key, 0.0):
+                marks[route.key] = route.active_at
         self._dirty.clear()
         return marks
 

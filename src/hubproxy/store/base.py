@@ -1,8 +1,13 @@
 """The RouteStore protocol: the one narrow interface every route store implements.
 
 The store is the truth; each process's RouteTable is a cache of it, kept current through the
-change feed (`watch`). Keys given to a store are always cleaned (`routing.clean_path`); data is a
-JSON-like dict whose `last_activity`, when present, is an aware UTC `datetime`.
+change feed (`watch`). Keys given to a store are always cleaned (`routing.clean_path`: the API
+cleans them, unlike CHP's plugins, which clean inside `get`/`remove`); data is a JSON-like dict
+whose `last_activity`, when present, is an aware UTC `datetime` (the API serialises it).
+
+Data returned by `get` and `get_all` is the caller's to change at the top level only; nested
+values may be shared with the store and must only be read. Any method may raise
+`StoreUnavailable` when the backing service is down; the API answers 503 then.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class RouteStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def get(self, key: str) -> RouteData | None: ...
+    async def get(self, key: str) -> RouteData | None:
+        """The route's data, or None."""
 
     async def get_all(self) -> dict[str, RouteData]:
         """Every route, in insertion order (re-adding a key keeps its place)."""

@@ -1,10 +1,15 @@
-"""The embedded default store: routes live in this process's memory only (CHP's behaviour)."""
+"""The embedded default store: routes live in this process's memory only (CHP's behaviour).
+
+Data is copied on the way in (`add` deep-copies, so a caller's later changes never leak into the
+table) and shallowly on the way out (`get`, `get_all`: top-level keys are the caller's to change,
+nested values are shared and must only be read).
+"""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 
 from hubproxy.store.base import ChangeListener, RouteData
 
@@ -55,9 +60,14 @@ class MemoryStore:
             if route is None:
                 continue
             previous = route.get("last_activity")
-            if not isinstance(previous, datetime) or when > previous:
+            if not isinstance(previous, datetime) or _aware(when) > _aware(previous):
                 route["last_activity"] = when
 
     def watch(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
         listener.routes_reset(self._routes)
+
+
+def _aware(when: datetime) -> datetime:
+    """Naive datetimes are UTC by the store's convention (never compare naive with aware)."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
