@@ -1,13 +1,449 @@
-"""The REST API (placeholder until the foundation issue's API lands)."""
+"""The REST API: CHP's `/api/routes`, answered the way CHP answers it (spec §2).
+
+Theory of operation. The API is one coroutine, `_RoutesApi.handle`, installed as the aiohttp
+application's only middleware, so it sees every request whatever its request-target (aiohttp's
+router, which would answer `404: Not Found` by itself, is never consulted). It mirrors CHP's
+order of checks, which clients can observe:
+
+1. dispatch on `^/api/routes(/.*)?$` of the request path (query ignored), else 404 `Not Found`;
+2. the method: GET, POST or DELETE, else 405 `Method not supported`, before authentication;
+3. the suffix is percent-decoded as strict UTF-8 (`decodeURIComponent`); malformed -> 400;
+4. for POST, the body is read and parsed as JSON (invalid -> 400), still before authentication;
+5. authentication: `token\\s+(\\S+)` searched in Authorization, compared in constant time -> 403;
+6. the handler for the method.
+
+Every response is logged when the handler is done, as CHP does on `finish`:
+`<code> <METHOD> <path without query> <message>`, at info (<400), warn (<500) or error.
+Error bodies, 201 and 204 carry no Content-Type (aiohttp's `application/octet-stream` default is
+taken off in `on_response_prepare`); JSON answers carry exactly `application/json`.
+
+Deliberate differences from CHP (docs/compatibility.md): where CHP hangs (a malformed escape,
+`DELETE /api/routes`) we answer 400; store failures answer 503 (retried by JupyterHub) and other
+handler crashes 500; the request path is matched as sent (CHP first resolves dot segments and
+backslashes with WHATWG URL parsing); a date-time without offset in `inactive_since` is UTC (JS:
+local time); the body is limited to `MAX_BODY` bytes (413) and must be UTF-8.
+"""
 
 from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_tz
+from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from hubproxy.activity import ActivityFlusher
 from hubproxy.config import Config
-from hubproxy.store.base import RouteStore
+from hubproxy.routing import clean_path
+from hubproxy.store.base import RouteData, RouteStore, StoreUnavailable
+
+log = logging.getLogger("hubproxy")
+
+# the largest POST body we read; CHP has no limit, but the body is read before authentication
+MAX_BODY = 1024 * 1024
+
+_API_PATH = re.compile(r"^/api/routes(/.*)?$")
+_ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
+_TOKEN = re.compile(r"token\s+(\S+)")
+_METHODS = frozenset({"GET", "POST", "DELETE"})
 
 
-def create_api_app(config: Config, store: RouteStore, flusher: ActivityFlusher) -> web.Application:
-    return web.Application()
+# -- counters for the metrics page --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ApiStats:
+    """What the API counts, under CHP's metric names (the metrics module exposes them)."""
+
+    api_route_get: int = 0  # full-table GETs answered 200
+    api_route_add: int = 0  # POSTs answered 201
+    api_route_delete: int = 0  # DELETEs answered 204 or 404
+    requests_api: Counter[int] = field(default_factory=Counter)  # every response, by status
+
+
+API_STATS = web.AppKey("hubproxy_api_stats", ApiStats)
+
+
+# -- pure helpers: JavaScript's decodeURIComponent, Date.parse and Date.toJSON ------------------
+
+_ESCAPE_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+
+
+def decode_uri_component(text: str) -> str:
+    """JavaScript's `decodeURIComponent`: every `%XX` decoded, the bytes as strict UTF-8.
+
+    Raises ValueError for a `%` not followed by two hex digits or for bytes that are not UTF-8
+    (overlong forms, encoded surrogates and truncated sequences included), where JS throws
+    `URIError: URI malformed`.
+    """
+    if "%" not in text:
+        return text
+    parts: list[str] = []
+    pos = 0
+    for match in _ESCAPE_RUN.finditer(text):
+        parts.append(text[pos : match.start()])
+        run = match.group()
+        try:
+            parts.append(bytes.fromhex(run.replace("%", "")).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{run} is not UTF-8") from None
+        pos = match.end()
+    parts.append(text[pos:])
+    for literal in parts[::2]:
+        if "%" in literal:
+            raise ValueError("'%' not followed by two hex digits")
+    return "".join(parts)
+
+
+_MS_PER_DAY = 86_400_000
+_MAX_TIME_MS = 8_640_000_000_000_000  # the range of a JS Date: +-100,000,000 days
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ISO_DATE = re.compile(
+    r"(?P<year>[+-]\d{6}|\d{4})"
+    r"(?:-(?P<month>\d\d)(?:-(?P<day>\d\d))?)?"
+    r"(?:[Tt ](?P<hour>\d\d):(?P<minute>\d\d)(?::(?P<second>\d\d)(?:[.,](?P<fraction>\d+))?)?)?"
+    r" ?(?P<zone>[Zz]|UTC|GMT|[+-]\d\d(?::?\d\d)?)?"
+)
+_BARE_YEAR = re.compile(r"[+-]?\d{1,6}")
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 in the proleptic Gregorian calendar, for any year (H. Hinnant)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146_097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719_468
+
+
+def _time_ms(year: int, month: int, day: int, h: int, m: int, s: int, ms: int, off: int) -> int:
+    # like V8, a day past the month's end rolls over (2019-02-31 is 2019-03-03)
+    return (
+        _days_from_civil(year, month, 1) * _MS_PER_DAY
+        + (day - 1) * _MS_PER_DAY
+        + ((h * 60 + m) * 60 + s) * 1000
+        + ms
+        - off * 1000
+    )
+
+
+def _parse_iso(match: re.Match[str]) -> int | None:
+    g = match.groupdict()
+    if g["year"] == "-000000":
+        return None
+    year = int(g["year"])
+    month = int(g["month"] or 1)
+    day = int(g["day"] or 1)
+    hour = int(g["hour"] or 0)
+    minute = int(g["minute"] or 0)
+    second = int(g["second"] or 0)
+    millis = int((g["fraction"] or "0")[:3].ljust(3, "0"))
+    if not (1 <= month <= 12 and 1 <= day <= 31 and minute <= 59 and second <= 59):
+        return None
+    if hour > 24 or (hour == 24 and (minute or second or millis)):
+        return None
+    offset = 0
+    zone = g["zone"]
+    if zone and zone[0] in "+-":
+        digits = zone[1:].replace(":", "")
+        zh, zm = int(digits[:2]), int(digits[2:] or 0)
+        if zh > 23 or zm > 59:
+            return None
+        offset = (zh * 60 + zm) * 60 * (-1 if zone[0] == "-" else 1)
+    return _time_ms(year, month, day, hour, minute, second, millis, offset)
+
+
+def parse_js_date(value: str) -> int | None:
+    """Milliseconds since the epoch for what JS `Date.parse` accepts (the common forms), or None.
+
+    Accepted: ISO 8601 as in ECMAScript (`2000`, `2000-01`, `2000-01-01`, with `THH:MM`,
+    `:SS`, `.fraction`, and `Z` or `+HH:MM`), plus V8's lenient variants (a space for `T`,
+    lower-case `t`/`z`, `+HHMM`, `UTC`/`GMT`); a bare integer as a year (`12345` is the year
+    12345, as in V8); and RFC 2822 / HTTP dates (`Sat, 01 Jan 2000 00:00:00 GMT`).
+    A date or date-time without an offset is UTC. (JS reads a date-time without offset as local
+    time; a server's local zone is an accident of deployment, and Python clients typically send
+    naive UTC from `datetime.utcnow().isoformat()`.)
+    """
+    value = value.strip()
+    ms: int | None = None
+    if match := _ISO_DATE.fullmatch(value):
+        ms = _parse_iso(match)
+    elif _BARE_YEAR.fullmatch(value):
+        ms = _time_ms(int(value), 1, 1, 0, 0, 0, 0, 0)
+    elif parts := parsedate_tz(value):
+        year, month, day, hour, minute, second = parts[:6]
+        if 1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60:
+            ms = _time_ms(year, month, day, hour, minute, second, 0, parts[9] or 0)
+    if ms is None or abs(ms) > _MAX_TIME_MS:
+        return None
+    return ms
+
+
+def _epoch_ms(when: datetime) -> int:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - _EPOCH) // timedelta(milliseconds=1)
+
+
+def format_js_date(when: datetime) -> str:
+    """JS `Date.prototype.toJSON`: `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, milliseconds truncated."""
+    if when.tzinfo is not None and when.utcoffset():
+        when = when.astimezone(UTC)
+    return when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_js_date(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_bytes(value: Any) -> bytes:
+    """JS `JSON.stringify` as UTF-8: compact, non-ASCII kept as is, dates as `toJSON` gives them.
+
+    A lone surrogate (which a JSON body may carry as `\\ud800`) cannot be UTF-8; then the whole
+    document is written with `\\u` escapes instead (JS escapes just the surrogate).
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"), default=_json_default).encode("ascii")
+
+
+def to_json(value: Any) -> str:
+    """`json_bytes` as text, for log lines."""
+    return json_bytes(value).decode("utf-8")
+
+
+class _BodyError(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BodyError(f"SyntaxError: Unexpected token '{name[0]}'")
+
+
+def parse_body(body: bytes) -> Any:
+    """`JSON.parse(body) || {}`: a falsy document (`null`, `false`, `0`, `""`) becomes `{}`.
+
+    Raises ValueError with the text for `Body not valid JSON: <text>`.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BodyError(f"body is not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.strip(" \t\n\r"):
+        raise _BodyError("SyntaxError: Unexpected end of JSON input")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise _BodyError(f"SyntaxError: {e}") from None
+    except RecursionError:
+        raise _BodyError("SyntaxError: nested too deeply") from None
+    if data is None or data is False or data == "" or (type(data) in (int, float) and data == 0):
+        return {}
+    return data
+
+
+def request_path(raw: str) -> str:
+    """The path of a raw request-target: no query or fragment; absolute-form reduced to it."""
+    end = len(raw)
+    for sep in "?#":
+        i = raw.find(sep)
+        if 0 <= i < end:
+            end = i
+    path = raw[:end]
+    if not path.startswith("/") and (match := _ABSOLUTE_FORM.match(path)):
+        path = path[match.end() :] or "/"
+    return path
+
+
+# -- the application ----------------------------------------------------------------------------
+
+
+class _Bare(web.Response):
+    """A response sent without Content-Type (CHP's errors, 201 and 204)."""
+
+
+def _bare(status: int, text: str = "") -> _Bare:
+    return _Bare(status=status, body=text.encode("utf-8") if text else None)
+
+
+def _json_response(value: Any) -> web.Response:
+    return web.Response(body=json_bytes(value), content_type="application/json")
+
+
+async def _drop_default_content_type(request: web.Request, response: web.StreamResponse) -> None:
+    if isinstance(response, _Bare):
+        response.headers.popall("Content-Type", None)
+
+
+class _Answer(Exception):
+    """Finish the request early with an error status and message (CHP's `fail`)."""
+
+    def __init__(self, status: int, message: str = "", body: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.body = message if body is None else body
+
+
+class _RoutesApi:
+    def __init__(
+        self, config: Config, store: RouteStore, flusher: ActivityFlusher, stats: ApiStats
+    ) -> None:
+        self.store = store
+        self.flusher = flusher
+        self.stats = stats
+        self.host_routing = config.host_routing
+        token = config.auth_token or None
+        self.token = token.encode("utf-8", "surrogateescape") if token else None
+
+    @web.middleware
+    async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        method = request.method
+        log_path = request.raw_path.split("?", 1)[0]
+        message = ""
+        try:
+            response = await self.dispatch(request, method)
+        except _Answer as answer:
+            response, message = _bare(answer.status, answer.body), answer.message
+        except StoreUnavailable as e:
+            message = f"Route store unavailable: {e}" if str(e) else "Route store unavailable"
+            response = _bare(503, message)
+        except Exception as e:
+            log.error("Error in handler for %s %s: %s", method, log_path, e, exc_info=True)
+            message = f"Internal error: {type(e).__name__}"
+            response = _bare(500, message)
+        status = response.status
+        self.stats.requests_api[status] += 1
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        log.log(level, "%s %s %s %s", status, method.upper(), log_path, message)
+        return response
+
+    async def dispatch(self, request: web.Request, method: str) -> web.StreamResponse:
+        match = _API_PATH.match(request_path(request.raw_path))
+        if match is None:
+            raise _Answer(404, body="Not Found")
+        if method not in _METHODS:
+            raise _Answer(405, "Method not supported")
+        path: str | None = match.group(1)
+        if path is not None:
+            try:
+                path = decode_uri_component(path)
+            except ValueError as e:
+                raise _Answer(400, f"Route path is not valid percent-encoded UTF-8: {e}") from None
+        if method == "POST":
+            data = await self._read_json(request)
+            self._authenticate(request)
+            return await self.post(path, data)
+        self._authenticate(request)
+        if method == "GET":
+            if path and path != "/":
+                return await self.get_one(path)
+            return await self.get_all(request)
+        return await self.delete(path)
+
+    async def _read_json(self, request: web.Request) -> Any:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Answer(413, f"Body larger than {MAX_BODY} bytes") from None
+        try:
+            return parse_body(body)
+        except ValueError as e:
+            raise _Answer(400, f"Body not valid JSON: {e}") from None
+
+    def _authenticate(self, request: web.Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("Authorization")
+        match = _TOKEN.search(header) if header else None
+        presented = match.group(1).encode("utf-8", "surrogateescape") if match else b""
+        # compare even without a token, so that a miss costs the same as a wrong token
+        if hmac.compare_digest(presented, self.token) and match:
+            return
+        # CHP logs the whole Authorization header here; we never log what was presented
+        log.debug(
+            "Rejecting API request from %s: %s",
+            request.remote or "unknown",
+            "wrong token" if match else "no token",
+        )
+        raise _Answer(403)
+
+    async def get_one(self, path: str) -> web.StreamResponse:
+        await self.flusher.flush()
+        data = await self.store.get(clean_path(path))
+        if data is None:
+            return _bare(404)
+        return _json_response(data)
+
+    async def get_all(self, request: web.Request) -> web.StreamResponse:
+        since: int | None = None
+        params = dict(reversed(parse_qsl(request.query_string, keep_blank_values=True)))
+        value = params.get("inactiveSince") or params.get("inactive_since")
+        if value:
+            since = parse_js_date(value)
+            if since is None:
+                raise _Answer(400, f"Invalid datestamp '{value}' must be ISO8601.")
+        await self.flusher.flush()
+        routes: dict[str, RouteData] = await self.store.get_all()
+        if since is not None:
+            routes = {
+                key: data
+                for key, data in routes.items()
+                if isinstance(activity := data.get("last_activity"), datetime)
+                and _epoch_ms(activity) < since
+            }
+        response = _json_response(routes)
+        self.stats.api_route_get += 1
+        return response
+
+    async def post(self, path: str | None, data: Any) -> web.StreamResponse:
+        if not isinstance(data, dict) or not isinstance(data.get("target"), str):
+            log.warning("Bad POST data: %s", to_json(data))
+            raise _Answer(400, "Must specify 'target' as string")
+        key = clean_path(path or "/")
+        if self.host_routing and key != "/":
+            data["host"] = key.split("/")[1]
+        target = data["target"]
+        log.info("Adding route %s -> %s", key, target)
+        data["last_activity"] = datetime.now(UTC)
+        await self.store.add(key, data)
+        log.info("Route added %s -> %s", key, target)
+        self.stats.api_route_add += 1
+        return _bare(201)
+
+    async def delete(self, path: str | None) -> web.StreamResponse:
+        if path is None:
+            # CHP throws inside its store and never answers
+            raise _Answer(400, "DELETE needs a route: /api/routes/<path> (/api/routes/ for '/')")
+        existed = await self.store.remove(clean_path(path))
+        self.stats.api_route_delete += 1
+        if not existed:
+            return _bare(404)
+        log.info("Removing route %s", path)
+        return _bare(204)
+
+
+def create_api_app(
+    config: Config,
+    store: RouteStore,
+    flusher: ActivityFlusher,
+    stats: ApiStats | None = None,
+) -> web.Application:
+    """The API as an aiohttp application; its counters are `app[API_STATS]`."""
+    stats = stats if stats is not None else ApiStats()
+    api = _RoutesApi(config, store, flusher, stats)
+    app = web.Application(middlewares=[api.handle], client_max_size=MAX_BODY)
+    app[API_STATS] = stats
+    app.on_response_prepare.append(_drop_default_content_type)
+    return app
