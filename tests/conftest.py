@@ -14,10 +14,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,8 +117,9 @@ class Proxy(ProxyProcess):
         self.token = token
         self.public_url = self.wait_for_line(_PROXYING.pattern).group(1)
         self.api_url = self.wait_for_line(_API_AT.pattern).group(1)
-        self.host, self.port = _host_port(self.public_url)
-        self.api_host, self.api_port = _host_port(self.api_url)
+        # with --socket / --api-socket the URL is `http+unix://<%-encoded path>` (port 0)
+        self.host, self.port, self.unix_path = _address(self.public_url)
+        self.api_host, self.api_port, self.api_unix_path = _address(self.api_url)
 
     def request(
         self,
@@ -126,6 +129,8 @@ class Proxy(ProxyProcess):
         headers: dict[str, str] | None = None,
         timeout: float = 10.0,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        if self.unix_path is not None:
+            return http_request_unix(self.unix_path, method, path, body, headers, timeout)
         return http_request(self.host, self.port, method, path, body, headers, timeout)
 
     def api(
@@ -148,6 +153,8 @@ class Proxy(ProxyProcess):
             if raw_body is not None
             else (None if data is None else json.dumps(data).encode())
         )
+        if self.api_unix_path is not None:
+            return http_request_unix(self.api_unix_path, method, "/api/routes" + path, body, hdrs)
         return http_request(self.api_host, self.api_port, method, "/api/routes" + path, body, hdrs)
 
     def routes(self) -> dict[str, Any]:
@@ -160,10 +167,12 @@ class Proxy(ProxyProcess):
         assert status == 201, body
 
 
-def _host_port(url: str) -> tuple[str, int]:
+def _address(url: str) -> tuple[str, int, str | None]:
+    if "+unix://" in url:
+        return "localhost", 0, urllib.parse.unquote(url.partition("+unix://")[2])
     match = re.match(r"\w+://\[?([^\]]+?)\]?:(\d+)$", url)
     assert match, url
-    return match.group(1), int(match.group(2))
+    return match.group(1), int(match.group(2)), None
 
 
 def http_request(
@@ -176,6 +185,35 @@ def http_request(
     timeout: float = 10.0,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._unix_path)
+        self.sock = sock
+
+
+def http_request_unix(
+    path_to_socket: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    conn = _UnixHTTPConnection(path_to_socket, timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -197,7 +235,11 @@ def start_proxy() -> Iterator[Callable[..., Proxy]]:
         if token is not None:
             full_env["CONFIGPROXY_AUTH_TOKEN"] = token
         full_env.update(env or {})
-        argv = ["--ip", "127.0.0.1", "--port", "0", "--api-ip", "127.0.0.1", "--api-port", "0"]
+        argv = []
+        if not any(a.split("=")[0] == "--socket" for a in args):
+            argv += ["--ip", "127.0.0.1", "--port", "0"]
+        if not any(a.split("=")[0] == "--api-socket" for a in args):
+            argv += ["--api-ip", "127.0.0.1", "--api-port", "0"]
         proxy = Proxy([*argv, *args], full_env, token)
         started.append(proxy)
         return proxy

@@ -507,7 +507,12 @@ class ClientConnection(asyncio.Protocol):
             self._send_error(request, status, service.errors.page(status))
 
     def _websocket_error(self, request: Request, status: int, detail: str) -> None:
-        self.transport_write(b"HTTP/1.1 %d\r\nContent-Length: 0\r\n\r\n" % status)
+        # CHP sends a bare `HTTP/1.1 503` line; the reason phrase's space is required (RFC 9112
+        # §4), and strict clients (Python's websockets) refuse the line without it
+        self.transport_write(
+            b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            % (status, reason(status))
+        )
         self.active = None
         self.close()
 
