@@ -36,12 +36,13 @@ _API_AT = re.compile(r"info: Proxy API at (\S+)/api/routes")
 class ProxyProcess:
     """A hubproxy subprocess; its stdout is collected line by line in a thread."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, umask: int = -1) -> None:
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hubproxy", *args],
+            umask=umask,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -112,8 +113,10 @@ class ProxyProcess:
 class Proxy(ProxyProcess):
     """A running proxy with the URLs it announced and small HTTP helpers."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None, token: str | None) -> None:
-        super().__init__(args, env)
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None, token: str | None, umask: int = -1
+    ) -> None:
+        super().__init__(args, env, umask)
         self.token = token
         self.public_url = self.wait_for_line(_PROXYING.pattern).group(1)
         self.api_url = self.wait_for_line(_API_AT.pattern).group(1)
@@ -230,7 +233,9 @@ def start_proxy() -> Iterator[Callable[..., Proxy]]:
     """
     started: list[Proxy] = []
 
-    def start(*args: str, token: str | None = TOKEN, env: dict[str, str] | None = None) -> Proxy:
+    def start(
+        *args: str, token: str | None = TOKEN, env: dict[str, str] | None = None, umask: int = -1
+    ) -> Proxy:
         full_env = {k: v for k, v in os.environ.items() if k != "CONFIGPROXY_AUTH_TOKEN"}
         if token is not None:
             full_env["CONFIGPROXY_AUTH_TOKEN"] = token
@@ -240,7 +245,7 @@ def start_proxy() -> Iterator[Callable[..., Proxy]]:
             argv += ["--ip", "127.0.0.1", "--port", "0"]
         if not any(a.split("=")[0] == "--api-socket" for a in args):
             argv += ["--api-ip", "127.0.0.1", "--api-port", "0"]
-        proxy = Proxy([*argv, *args], full_env, token)
+        proxy = Proxy([*argv, *args], full_env, token, umask)
         started.append(proxy)
         return proxy
 
