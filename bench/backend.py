@@ -46,9 +46,7 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
     if n == 0:
         return payload
     key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        n, "little"
-    )
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
 def frame(first_byte: int, payload: bytes) -> bytes:

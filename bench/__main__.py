@@ -1,0 +1,96 @@
+"""python -m bench: compare proxies side by side; see ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import report
+from bench.config import MODES, REPO, RESULTS, known_proxies, mode_for, parse_extra
+from bench.runner import run_all
+
+EPILOG = """modes:
+  (default)  full: 3 runs per proxy, 10 s per load step, 10,000 routes (about 3-4 min per proxy)
+  --quick    1 run, 3 s per step, 2,000 routes: under 2 minutes for two proxies
+  --smoke    1 run, 1 s steps, tiny counts: proves the harness runs end to end (CI)
+
+Raw results go to bench/results/<time>-<mode>.json; docs/benchmarks.md and .png are written
+only with --write-docs. A proxy that does not start is reported as failed; the others go on.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    known = known_proxies()
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark hubproxy against Node configurable-http-proxy on this machine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--proxies",
+        default="chp,hubproxy",
+        help=f"comma-separated, from {', '.join(known)} and --proxy-cmd names; "
+        "default: %(default)s",
+    )
+    parser.add_argument(
+        "--proxy-cmd",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another proxy taking CHP's CLI, e.g. 'hp2=python -m hubproxy --workers 2'",
+    )
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="1 run, short steps")
+    speed.add_argument("--smoke", action="store_true", help="seconds, tiny counts (CI)")
+    parser.add_argument("--runs", type=int, help="runs per proxy (median of them)")
+    parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md/.png")
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="raw results folder")
+    args = parser.parse_args(argv)
+
+    extra = {spec.name: spec for spec in map(parse_extra, args.proxy_cmd)}
+    available = known | extra
+    names = [n.strip() for n in args.proxies.split(",") if n.strip()]
+    names += [n for n in extra if n not in names]
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        parser.error(f"unknown proxy {unknown}; choose from {', '.join(available)}")
+    mode = mode_for("smoke" if args.smoke else "quick" if args.quick else "full", args.runs)
+    assert mode.name in MODES
+
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    results = run_all([available[n] for n in names], mode, command.strip(), args.out)
+    results["elapsed_s"] = time.perf_counter() - t0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    raw = args.out / f"{stamp}-{mode.name}.json"
+    raw.write_text(json.dumps(results, indent=1))
+    print()
+    print(report.console(results))
+    print(f"\nraw results: {raw}  ({results['elapsed_s']:.0f} s)")
+
+    if args.write_docs:
+        args.docs_dir.mkdir(parents=True, exist_ok=True)
+        png = args.docs_dir / "benchmarks.png"
+        (args.docs_dir / "benchmarks.md").write_text(report.markdown(results, png.name))
+        from bench import deps
+
+        if deps.ensure_matplotlib():
+            report.chart(results, png)
+        else:
+            print("matplotlib missing: no chart written")
+        print(f"wrote {args.docs_dir / 'benchmarks.md'} and {png}")
+    ran = [r for p in results["proxies"].values() for r in p["runs"] if r["ok"]]
+    return 0 if ran else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""CPU accounting for one measured step.
+
+Before and after a step we read the proxy's CPU time (its process tree), the backend's, our own,
+the children we reaped (wrk), and the machine's /proc/stat. From that:
+
+- ``proxy_cpu_s`` divided by the work done is the figure a saturated load generator cannot hide;
+- ``proxy_util`` near 1.0 means the proxy was the bottleneck (it has one core);
+- ``load_util`` (the load core, busy) near 1.0 with ``proxy_util`` well below means the load side
+  (wrk, backend, our clients) was the bottleneck;
+- ``other_util`` is CPU that processes we did not start used during the step; above
+  ``NOISE_UTIL`` (or any steal) the step is flagged noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+from bench import procs
+
+NOISE_UTIL = 0.10  # of one core
+STEAL_UTIL = 0.05
+
+
+def _self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    t: float
+    proxy: float
+    backend: float
+    own: float
+    reaped: float
+    machine: dict[str, procs.CpuTimes]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    wall_s: float
+    proxy_cpu_s: float
+    proxy_util: float
+    backend_util: float
+    proxy_core_util: float
+    load_core_util: float
+    other_util: float
+    steal_util: float
+    noisy: bool
+    bound: str  # "proxy", "load", or ""
+
+    def as_dict(self) -> dict[str, float | bool | str]:
+        return asdict(self)
+
+
+class Meter:
+    def __init__(self, proxy_pid: int, backend_pid: int, proxy_core: int, load_core: int) -> None:
+        self.proxy_pid = proxy_pid
+        self.backend_pid = backend_pid
+        self.proxy_core = f"cpu{proxy_core}"
+        self.load_core = f"cpu{load_core}"
+
+    def snap(self) -> Snapshot:
+        return Snapshot(
+            t=time.perf_counter(),
+            proxy=procs.tree_cpu_seconds(self.proxy_pid),
+            backend=procs.tree_cpu_seconds(self.backend_pid),
+            own=_self_cpu(),
+            reaped=_children_cpu(),
+            machine=procs.machine_cpu(),
+        )
+
+    def stats(self, a: Snapshot, b: Snapshot) -> StepStats:
+        wall = max(b.t - a.t, 1e-9)
+        proxy = b.proxy - a.proxy
+        backend = b.backend - a.backend
+        known = proxy + backend + (b.own - a.own) + (b.reaped - a.reaped)
+
+        def util(core: str, attr: str) -> float:
+            return (getattr(b.machine[core], attr) - getattr(a.machine[core], attr)) / wall
+
+        other = max(0.0, util("cpu", "work") - known / wall)
+        steal = util("cpu", "steal")
+        proxy_util = proxy / wall
+        load_util = util(self.load_core, "busy")
+        bound = "proxy" if proxy_util > 0.9 else "load" if load_util > 0.95 else ""
+        return StepStats(
+            wall_s=wall,
+            proxy_cpu_s=proxy,
+            proxy_util=proxy_util,
+            backend_util=backend / wall,
+            proxy_core_util=util(self.proxy_core, "busy"),
+            load_core_util=load_util,
+            other_util=other,
+            steal_util=steal,
+            noisy=other > NOISE_UTIL or steal > STEAL_UTIL,
+            bound=bound,
+        )

@@ -1,0 +1,279 @@
+"""Medians, the comparison table, docs/benchmarks.md and docs/benchmarks.png."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BASELINE = "chp"
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "ratio" (to CHP) or "abs"
+    op: str  # ">=", "<=", "<"
+    value: float
+
+    def text(self) -> str:
+        return f"{'x CHP ' if self.kind == 'ratio' else ''}{self.op} {self.value:g}"
+
+    def met(self, value: float, base: float | None) -> bool | None:
+        if self.kind == "ratio":
+            if not base:
+                return None
+            value = value / base
+        return {
+            ">=": value >= self.value,
+            "<=": value <= self.value,
+            "<": value < self.value,
+        }[self.op]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    step: str  # the step whose CPU accounting (noisy, bound) applies
+    target: Target | None = None
+
+
+def _m(key: str, label: str, unit: str, step: str, target: Target | None = None) -> Metric:
+    return Metric(key, label, unit, step, target)
+
+
+R, A = "ratio", "abs"
+METRICS = [
+    _m("ka_rps", "small, keep-alive, 50 conns", "req/s", "keepalive", Target(R, ">=", 2)),
+    _m("ka_cpu_us", "  proxy CPU per request", "us", "keepalive", Target(R, "<=", 0.5)),
+    _m("ka_p50_ms", "  latency p50", "ms", "keepalive"),
+    _m("ka_p99_ms", "  latency p99", "ms", "keepalive", Target(R, "<=", 1)),
+    _m("close_rps", "small, new connection each", "req/s", "close", Target(R, ">=", 1.5)),
+    _m("close_cpu_us", "  proxy CPU per request", "us", "close"),
+    _m("big_mibps", "1 MiB responses", "MiB/s", "big", Target(R, ">=", 1)),
+    _m("big_cpu_ms", "  proxy CPU per MiB", "ms", "big", Target(R, "<=", 1)),
+    _m("big_hwm_mib", "  peak RSS (VmHWM) after", "MiB", "big"),
+    _m("routes_rps", "small, keep-alive, {n} routes", "req/s", "routes"),
+    _m("routes_cpu_us", "  proxy CPU per request", "us", "routes"),
+    _m("routes_ratio", "  {n} routes / 1 route", "x", "routes", Target(A, ">=", 0.95)),
+    _m("ws_msgps", "WebSocket echo, 50 sockets", "msg/s", "websocket", Target(R, ">=", 1)),
+    _m("ws_cpu_us", "  proxy CPU per message", "us", "websocket", Target(R, "<=", 0.5)),
+    _m("rss_idle_mib", "RSS idle", "MiB", "", Target(R, "<=", 1)),
+    _m("ws_idle_mib_per_1000", "RSS per 1,000 idle WebSockets", "MiB", "", Target(R, "<=", 1)),
+    _m("api_add_s", "API: add {n} routes", "s", "api_add", Target(R, "<=", 1)),
+    _m("api_add_ms", "  per route", "ms", "api_add"),
+    _m("api_add_cpu_us", "  proxy CPU per route", "us", "api_add"),
+    _m("api_get_all_ms", "API: GET /api/routes with {n}", "ms", "", Target(R, "<=", 1)),
+    _m("api_load_p50_ms", "API latency, data plane saturated: p50", "ms", "api_under_load"),
+    _m("api_load_p99_ms", "  p99", "ms", "api_under_load", Target(A, "<", 100)),
+    _m("api_load_max_ms", "  max", "ms", "api_under_load"),
+    _m("api_load_dp_rps", "  data plane meanwhile", "req/s", "api_under_load"),
+    _m("startup_s", "start to listening", "s", ""),
+]
+CHART = [
+    "ka_rps", "ka_cpu_us", "ka_p99_ms", "close_rps", "big_mibps", "big_cpu_ms", "ws_msgps",
+    "ws_cpu_us", "routes_ratio", "rss_idle_mib", "ws_idle_mib_per_1000", "api_add_s",
+    "api_get_all_ms", "api_load_p99_ms",
+]  # fmt: skip
+STEPS = ["keepalive", "close", "big", "websocket", "api_add", "routes", "api_under_load"]
+
+
+@dataclass(frozen=True)
+class Summary:
+    median: float
+    low: float
+    high: float
+    n: int
+    noisy: bool
+
+
+def fmt(v: float) -> str:
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
+
+
+def summarize(runs: list[dict[str, Any]], metric: Metric) -> Summary | None:
+    ok = [r for r in runs if metric.key in r["metrics"]]
+    if not ok:
+        return None
+    vals = [float(r["metrics"][metric.key]) for r in ok]
+    noisy = any(r["steps"].get(metric.step, {}).get("noisy") for r in ok) if metric.step else False
+    return Summary(statistics.median(vals), min(vals), max(vals), len(vals), bool(noisy))
+
+
+def cell(s: Summary | None) -> str:
+    if s is None:
+        return "—"
+    text = fmt(s.median)
+    if s.n > 1:
+        text += f" ({fmt(s.low)}–{fmt(s.high)})"
+    return text + (" *" if s.noisy else "")
+
+
+def verdict(m: Metric, mine: Summary | None, base: Summary | None) -> str:
+    if m.target is None or mine is None:
+        return ""
+    met = m.target.met(mine.median, base.median if base else None)
+    return "" if met is None else "yes" if met else "NO"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The comparison as a markdown table (also what the console shows)."""
+    names = list(results["proxies"])
+    others = [n for n in names if n != BASELINE] if BASELINE in names else []
+    routes = results["mode"]["routes"]
+    head = ["measure", "unit", *names]
+    for o in others:
+        head += [f"{o}/{BASELINE}", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in METRICS:
+        sums = {n: summarize(results["proxies"][n]["runs"], m) for n in names}
+        label = m.label.format(n=f"{routes:,}").replace("  ", "&nbsp;&nbsp;")
+        row = [label, m.unit, *(cell(sums[n]) for n in names)]
+        base = sums.get(BASELINE)
+        for o in others:
+            mine = sums[o]
+            ratio = fmt(mine.median / base.median) if mine and base and base.median else "—"
+            row += [ratio, m.target.text() if m.target else "", verdict(m, mine, base)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def bottleneck_table(results: dict[str, Any]) -> str:
+    """Per step: proxy CPU use of its core, load core use, others' CPU: who limited the figure."""
+    head = ["proxy", "step", "proxy CPU", "load core busy", "backend CPU", "others' CPU", "bound"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, data in results["proxies"].items():
+        for step in STEPS:
+            got = [r["steps"][step] for r in data["runs"] if step in r["steps"]]
+            if not got:
+                continue
+
+            def med(key: str, got: list[dict[str, Any]] = got) -> str:
+                return f"{statistics.median(float(g[key]) for g in got):.0%}"
+
+            bound = Counter(g["bound"] for g in got).most_common(1)[0][0] or "neither"
+            noisy = sum(1 for g in got if g["noisy"])
+            others = med("other_util") + (f" ({noisy} noisy)" if noisy else "")
+            row = [name, step, med("proxy_util"), med("load_core_util"), med("backend_util")]
+            lines.append("| " + " | ".join([*row, others, bound]) + " |")
+    return "\n".join(lines)
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    out = []
+    for name, data in results["proxies"].items():
+        for i, run in enumerate(data["runs"]):
+            if run["error"]:
+                out.append(f"{name} run {i + 1}: {run['error'].splitlines()[0]}")
+            for step, err in run["errors"].items():
+                out.append(f"{name} run {i + 1}, {step}: {err.splitlines()[0][:200]}")
+    return out
+
+
+def console(results: dict[str, Any]) -> str:
+    parts = [table(results), "", "* = noisy: other processes used CPU during that step", ""]
+    parts += [bottleneck_table(results)]
+    fails = failures(results)
+    if fails:
+        parts += ["", "Failures:", *(f"- {f}" for f in fails)]
+    return "\n".join(parts)
+
+
+def markdown(results: dict[str, Any], chart_name: str) -> str:
+    mach, ver, mode = results["machine"], results["versions"], results["mode"]
+    fails = failures(results)
+    lines = [
+        "# Benchmarks: hubproxy vs Node configurable-http-proxy",
+        "",
+        "Generated by `bench/` (do not edit by hand). Command:",
+        "",
+        f"    {results['command']}",
+        "",
+        f"Run {results['started']}, mode `{mode['name']}`: each figure is the median of "
+        f"{mode['runs']} run(s) (min–max in brackets), {mode['duration']:g} s per load step, "
+        f'{mode["routes"]:,} routes for the "N routes" rows.',
+        "",
+        "## Machine and versions",
+        "",
+        *(f"- {k}: {v}" for k, v in {**mach, **ver}.items()),
+        "",
+        "## Results",
+        "",
+        table(results),
+        "",
+        "`*` = noisy: processes the bench did not start used more than 10% of a core (or the "
+        "hypervisor stole time) during that step; rerun on a quiet machine before trusting it.",
+        "",
+        f"![benchmarks]({chart_name})",
+        "",
+        "## Who was the bottleneck",
+        "",
+        "Proxy CPU is the proxy's own utime+stime over the step's wall time (it has one core). "
+        "Load core busy is core 1, shared by wrk, the backend and the bench's own WebSocket and "
+        "API clients. `bound` is `proxy` above 90% proxy CPU, `load` when the load core is above "
+        "95% while the proxy is not: then throughput is the load generator's limit and only the "
+        "CPU-per-unit figures compare the proxies.",
+        "",
+        bottleneck_table(results),
+        "",
+        "## Method",
+        "",
+        "- The proxy runs alone on core 0 (`taskset -c 0`); the backend (uvloop + httptools, "
+        "`bench/backend.py`), wrk and the bench's clients run on core 1. Loopback only.",
+        "- Each run starts a fresh proxy with CHP's CLI (`--default-target` to the backend) and "
+        "runs the steps in this order: idle RSS, idle WebSockets, keep-alive, new connection "
+        "per request (`Connection: close`), 1 MiB, WebSocket echo, API add, API GET all, "
+        "keep-alive again with the big table, API latency under load.",
+        "- Small = 13-byte body. wrk: one thread, 50 connections (10 for 1 MiB), `--latency`.",
+        "- WebSocket message = one 32-byte frame sent and its echo received (ping-pong on each "
+        "socket); idle sockets = handshaken and silent, RSS read 1 s after opening.",
+        "- API add: sequential POSTs over one keep-alive connection. GET all: median of several. "
+        "Under load: alternate POST/DELETE of a route, each on a fresh connection every 20 ms, "
+        "while wrk saturates the data plane.",
+        "- CPU per unit = proxy utime+stime from /proc/PID/stat (whole process tree) over the "
+        "step, divided by requests, MiB or messages.",
+    ]
+    if fails:
+        lines += ["", "## Failures", "", *(f"- {f}" for f in fails)]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["proxies"])
+    by_key = {m.key: m for m in METRICS}
+    cols = 4
+    rows = (len(CHART) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows))
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
+    for ax, key in zip(axes.flat, CHART, strict=False):
+        m = by_key[key]
+        sums = [summarize(results["proxies"][n]["runs"], m) for n in names]
+        meds = [s.median if s else 0.0 for s in sums]
+        errs = [
+            [s.median - s.low if s else 0.0 for s in sums],
+            [s.high - s.median if s else 0.0 for s in sums],
+        ]
+        ax.bar(names, meds, yerr=errs, color=colors[: len(names)], capsize=3)
+        label = m.label.format(n=f"{results['mode']['routes']:,}").strip()
+        ax.set_title(f"{label} ({m.unit})", fontsize=9)
+        ax.tick_params(labelsize=8)
+        for x, v in enumerate(meds):
+            ax.annotate(fmt(v), (x, v), ha="center", va="bottom", fontsize=8)
+    for ax in list(axes.flat)[len(CHART) :]:
+        ax.axis("off")
+    fig.suptitle(f"hubproxy bench ({results['mode']['name']}, {results['started']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,135 @@
+"""The whole bench: install, start the backend, run every proxy N times (interleaved), collect."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import deps, procs
+from bench.config import CHP_BIN, REPO, Mode, ProxySpec
+from bench.meter import NOISE_UTIL
+from bench.steps import Bench, Run
+
+
+def _cmd_output(argv: list[str], env: dict[str, str] | None = None) -> str:
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})}
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    out = (done.stdout or done.stderr).strip().splitlines()
+    return out[0] if out and done.returncode in (0, 1) else "unavailable"
+
+
+def machine_info() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {
+        "cpu": model,
+        "nproc": _cmd_output(["nproc"]),
+        "memory": f"{int(mem) / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+    }
+
+
+def versions(specs: list[ProxySpec]) -> dict[str, str]:
+    out = {
+        "python": platform.python_version(),
+        "node": _cmd_output(["node", "--version"]),
+        "wrk": _cmd_output(["wrk", "--version"]).split(" [")[0],
+    }
+    if CHP_BIN.exists():
+        out["configurable-http-proxy"] = _cmd_output([str(CHP_BIN), "--version"])
+    for spec in specs:
+        if spec.name == "hubproxy":
+            code = "import hubproxy; print(getattr(hubproxy, '__version__', 'unknown'))"
+            out["hubproxy"] = _cmd_output([spec.argv[0], "-c", code], dict(spec.env))
+    rev = _cmd_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd_output(["git", "-C", str(REPO), "status", "--porcelain"])
+    out["repo"] = rev + (" (with uncommitted changes)" if dirty not in ("", "unavailable") else "")
+    return out
+
+
+def quiet_check(seconds: float = 1.0) -> float:
+    """CPU (in cores) that other processes use while the bench sits still."""
+    a, t0 = procs.machine_cpu()["cpu"], time.perf_counter()
+    time.sleep(seconds)
+    b, t1 = procs.machine_cpu()["cpu"], time.perf_counter()
+    return (b.work - a.work) / (t1 - t0)
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def run_all(specs: list[ProxySpec], mode: Mode, command: str, out_dir: Path) -> dict[str, Any]:
+    raise_fd_limit()
+    cores = sorted(os.sched_getaffinity(0))
+    proxy_core, load_core = cores[0], cores[-1]
+    if proxy_core == load_core:
+        print("warning: one core only; proxy and load share it", flush=True)
+    os.sched_setaffinity(0, {load_core})  # our own clients run beside wrk and the backend
+
+    deps.ensure_python({"uvloop": "uvloop", "httptools": "httptools"})
+    if not deps.ensure_wrk():
+        raise SystemExit("wrk is not installed and could not be installed")
+    if any(s.name == "chp" for s in specs) and not deps.ensure_chp():
+        print("warning: Node CHP could not be installed; it will fail to start", flush=True)
+
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    logs = out_dir / "logs" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    background = quiet_check()
+    if background > NOISE_UTIL:
+        print(f"warning: other processes use {background:.0%} of a core at rest", flush=True)
+
+    results: dict[str, Any] = {
+        "command": command,
+        "started": started,
+        "mode": mode.__dict__,
+        "machine": machine_info()
+        | {"cores": f"proxy on core {proxy_core}, load on core {load_core}"},
+        "versions": versions(specs),
+        "background_cpu_at_start": background,
+        "logs": str(logs),
+        "proxies": {s.name: {"command": [*s.argv], "runs": []} for s in specs},
+    }
+    backend_port = procs.free_port()
+    backend = procs.Managed(
+        "backend",
+        [sys.executable, "-m", "bench.backend", "--port", str(backend_port)],
+        load_core,
+        logs / "backend.log",
+        env={"PYTHONPATH": str(REPO)},
+    )
+    try:
+        procs.wait_port(backend_port, backend.proc, 20)
+        bench = Bench(mode, backend, backend_port, proxy_core, load_core, logs)
+        for i in range(mode.runs):
+            for spec in specs:
+                t0 = time.perf_counter()
+                print(f"[run {i + 1}/{mode.runs}] {spec.name} ...", end=" ", flush=True)
+                run = Run(spec, bench, i + 1)
+                run.execute()
+                results["proxies"][spec.name]["runs"].append(run.as_dict())
+                status = run.error.splitlines()[0] if run.error else "ok"
+                if run.errors:
+                    status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
+                print(f"{status} [{time.perf_counter() - t0:.0f} s]", flush=True)
+    finally:
+        backend.stop()
+    return results

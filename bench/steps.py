@@ -1,0 +1,351 @@
+"""One run of one proxy: start it, measure every step in order, stop it.
+
+Order matters and is the same for every proxy: idle RSS, idle WebSockets (on the fresh process,
+before load grows a heap), small keep-alive, new connection per request, 1 MiB (peak RSS is read
+right after it), WebSocket echo, API add, API GET all, small keep-alive again with the big
+table, API latency under data-plane load.
+A step that fails is recorded with its error and the run goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import statistics
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import api, procs, wrk, wsload
+from bench.config import Mode, ProxySpec
+from bench.meter import Meter, StepStats
+
+T = TypeVar("T")
+MIB = 1 << 20
+
+
+@dataclass
+class Bench:
+    """What all runs share."""
+
+    mode: Mode
+    backend: procs.Managed
+    backend_port: int
+    proxy_core: int
+    load_core: int
+    logs: Path
+
+
+@dataclass
+class Run:
+    spec: ProxySpec
+    bench: Bench
+    index: int
+    port: int = 0
+    api_port: int = 0
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    proxy: procs.Managed | None = None
+    meter: Meter | None = None
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> Mode:
+        return self.bench.mode
+
+    def url(self, what: str) -> str:
+        return f"http://127.0.0.1:{self.port}/user/u{self.mode.routes // 2}/{what}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.error is None,
+            "error": self.error,
+            "metrics": self.metrics,
+            "steps": self.steps,
+            "errors": self.errors,
+        }
+
+    # -- helpers ---------------------------------------------------------------------------
+    def measured(self, name: str, work: Callable[[], T]) -> tuple[T, StepStats]:
+        assert self.meter is not None
+        before = self.meter.snap()
+        result = work()
+        stats = self.meter.stats(before, self.meter.snap())
+        self.steps[name] = stats.as_dict()
+        return result, stats
+
+    def wrk_step(
+        self, name: str, url: str, conns: int, headers: tuple[str, ...] = ()
+    ) -> tuple[wrk.WrkResult, StepStats]:
+        argv = wrk.command(url, self.bench.load_core, conns, self.mode.duration, headers)
+        res, stats = self.measured(name, lambda: wrk.run(argv, self.mode.duration))
+        self.steps[name]["requests"] = res.requests
+        self.steps[name]["wrk_errors"] = res.socket_errors + res.non_2xx
+        if res.requests == 0:
+            raise RuntimeError(f"no request completed:\n{res.raw[-400:]}")
+        return res, stats
+
+    def rss(self, field_name: str = "VmRSS") -> float:
+        assert self.proxy is not None
+        return procs.tree_mib(self.proxy.pid, field_name)
+
+    # -- the run ---------------------------------------------------------------------------
+    def execute(self) -> None:
+        try:
+            self.start()
+        except Exception as exc:
+            self.error = f"failed to start: {exc}"
+            self.metrics.clear()
+            if self.proxy is not None:
+                tail = self.proxy.log_tail()
+                if tail:
+                    self.error += "\n" + tail
+                self.proxy.stop()
+            return
+        try:
+            for name, step in [
+                ("websocket_idle", self.step_websocket_idle),
+                ("warmup", self.step_warmup),
+                ("keepalive", self.step_keepalive),
+                ("close", self.step_close),
+                ("big", self.step_big),
+                ("websocket", self.step_websocket),
+                ("api_add", self.step_api_add),
+                ("api_get_all", self.step_api_get_all),
+                ("routes", self.step_routes),
+                ("api_under_load", self.step_api_under_load),
+            ]:
+                assert self.proxy is not None
+                if not self.proxy.alive():
+                    self.errors[name] = "proxy is not running:\n" + self.proxy.log_tail()
+                    continue
+                try:
+                    step()
+                except Exception as exc:
+                    self.errors[name] = f"{type(exc).__name__}: {exc}"
+                    with (self.bench.logs / "errors.log").open("a") as f:
+                        f.write(f"{self.spec.name} run {self.index} {name}\n")
+                        f.write(traceback.format_exc() + "\n")
+        finally:
+            assert self.proxy is not None
+            if self.proxy.alive():
+                with contextlib.suppress(OSError):
+                    self.metrics["rss_end_mib"] = self.rss()
+            else:
+                self.error = self.error or "proxy died during the run"
+            self.proxy.stop()
+
+    def start(self) -> None:
+        self.port, self.api_port = procs.free_port(), procs.free_port()
+        target = f"http://127.0.0.1:{self.bench.backend_port}"
+        self.proxy = procs.Managed(
+            self.spec.name,
+            self.spec.command(self.port, self.api_port, target),
+            self.bench.proxy_core,
+            self.bench.logs / f"{self.spec.name}-run{self.index}.log",
+            env={"CONFIGPROXY_AUTH_TOKEN": self.token, **dict(self.spec.env)},
+        )
+        timeout = self.mode.start_timeout
+        waited = procs.wait_port(self.port, self.proxy.proc, timeout)
+        waited += procs.wait_port(self.api_port, self.proxy.proc, timeout)
+        self.metrics["startup_s"] = waited
+        try:
+            with urllib.request.urlopen(self.url("small"), timeout=10) as resp:
+                body = resp.read()
+        except OSError as exc:
+            raise RuntimeError(f"first proxied GET {self.url('small')}: {exc}") from None
+        if body != b"Hello, World!":
+            raise RuntimeError(f"proxied GET returned {body[:80]!r}")
+        self.meter = Meter(
+            self.proxy.pid, self.bench.backend.pid, self.bench.proxy_core, self.bench.load_core
+        )
+        self.metrics["rss_idle_mib"] = self.rss()
+
+    def step_warmup(self) -> None:
+        argv = wrk.command(self.url("small"), self.bench.load_core, self.mode.conns, 1)
+        wrk.run(argv, self.mode.warmup)
+
+    def step_keepalive(self) -> None:
+        res, st = self.wrk_step("keepalive", self.url("small"), self.mode.conns)
+        self.metrics |= {
+            "ka_rps": res.rps,
+            "ka_p50_ms": res.p50_ms or 0.0,
+            "ka_p99_ms": res.p99_ms or 0.0,
+            "ka_cpu_us": st.proxy_cpu_s / res.requests * 1e6,
+        }
+
+    def step_close(self) -> None:
+        res, st = self.wrk_step("close", self.url("small"), self.mode.conns, ("Connection: close",))
+        self.metrics |= {
+            "close_rps": res.rps,
+            "close_cpu_us": st.proxy_cpu_s / res.requests * 1e6,
+        }
+
+    def step_big(self) -> None:
+        res, st = self.wrk_step("big", self.url("big"), self.mode.big_conns)
+        self.metrics |= {
+            "big_mibps": res.rps,  # one MiB per request
+            "big_cpu_ms": st.proxy_cpu_s / res.requests * 1e3,
+            "big_hwm_mib": self.rss("VmHWM"),
+        }
+
+    def _run_async(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            import uvloop
+
+            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        except ImportError:
+            factory = asyncio.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(coro)
+
+    def step_websocket_idle(self) -> None:
+        """First step, on a fresh proxy: a runtime's GC has not grown its heap with load yet."""
+        self._run_async(self._websocket_idle())
+
+    async def _websocket_idle(self) -> None:
+        n = self.mode.idle_ws
+        # one socket first, so one-time costs (loading the upgrade code path) are not counted
+        clients = await wsload.open_sockets(self.port, 1, wsload.Counter(0), timeout=10)
+        await asyncio.sleep(0.2)
+        before_mib = self.rss()
+        try:
+            clients += await wsload.open_sockets(self.port, n, wsload.Counter(0), timeout=60)
+            await asyncio.sleep(1.0)
+            after_mib = self.rss()
+            assert self.proxy is not None
+            self.steps["websocket_idle"] = {
+                "sockets": n,
+                "rss_before_mib": before_mib,
+                "rss_after_mib": after_mib,
+                "proxy_fds": len(os.listdir(f"/proc/{self.proxy.pid}/fd")),
+            }
+            self.metrics["ws_idle_mib_per_1000"] = (after_mib - before_mib) * 1000 / n
+        finally:
+            wsload.close_all(clients)
+        await asyncio.sleep(0.5)  # let the proxy tear the sockets down
+
+    def step_websocket(self) -> None:
+        self._run_async(self._websocket())
+
+    async def _websocket(self) -> None:
+        mode = self.mode
+        counter = wsload.Counter(mode.ws_max_messages)
+        clients = await wsload.open_sockets(self.port, mode.ws_sockets, counter, timeout=30)
+        try:
+            assert self.meter is not None
+            before = self.meter.snap()
+            done, elapsed = await wsload.echo(clients, counter, mode.ws_duration)
+            stats = self.meter.stats(before, self.meter.snap())
+            self.steps["websocket"] = stats.as_dict() | {"messages": done}
+            if done == 0:
+                raise RuntimeError("no websocket echo came back")
+            self.metrics |= {
+                "ws_msgps": done / elapsed,
+                "ws_cpu_us": stats.proxy_cpu_s / done * 1e6,
+            }
+        finally:
+            wsload.close_all(clients)
+
+    def step_api_add(self) -> None:
+        client = api.ApiClient(self.api_port, self.token)
+        target = f"http://127.0.0.1:{self.bench.backend_port}"
+        deadline = time.perf_counter() + max(60.0, self.mode.routes * 0.01)
+        try:
+            (added, failures), st = self.measured(
+                "api_add", lambda: api.add_routes(client, self.mode.routes, target, deadline)
+            )
+        finally:
+            client.close()
+        self.steps["api_add"] |= {"added": added, "failures": failures}
+        if failures or added < self.mode.routes:
+            raise RuntimeError(f"added {added} of {self.mode.routes} routes, {failures} refused")
+        self.metrics |= {
+            "api_add_s": st.wall_s,
+            "api_add_ms": st.wall_s / added * 1e3,
+            "api_add_cpu_us": st.proxy_cpu_s / added * 1e6,
+        }
+
+    def step_api_get_all(self) -> None:
+        client = api.ApiClient(self.api_port, self.token, timeout=30)
+        try:
+            times = []
+            for _ in range(self.mode.get_repeats):
+                elapsed, count = api.get_all(client)
+                times.append(elapsed)
+                if count < self.mode.routes:
+                    raise RuntimeError(f"GET /api/routes listed {count} routes")
+        finally:
+            client.close()
+        self.steps["api_get_all"] = {"times_s": times, "routes": count}
+        self.metrics["api_get_all_ms"] = statistics.median(times) * 1e3
+
+    def step_routes(self) -> None:
+        res, st = self.wrk_step("routes", self.url("small"), self.mode.conns)
+        self.metrics |= {
+            "routes_rps": res.rps,
+            "routes_p99_ms": res.p99_ms or 0.0,
+            "routes_cpu_us": st.proxy_cpu_s / res.requests * 1e6,
+        }
+        if "ka_rps" in self.metrics:
+            self.metrics["routes_ratio"] = res.rps / self.metrics["ka_rps"]
+
+    def step_api_under_load(self) -> None:
+        mode = self.mode
+        argv = wrk.command(self.url("small"), self.bench.load_core, mode.conns, mode.duration)
+        latencies: list[float] = []
+        errors = 0
+
+        def work() -> wrk.WrkResult:
+            nonlocal errors
+            load = wrk.start(argv)
+            try:
+                time.sleep(min(0.5, mode.duration / 4))  # let wrk saturate the data plane
+                end = time.perf_counter() + mode.duration + 5
+                i = 0
+                while load.poll() is None and i < mode.max_probes and time.perf_counter() < end:
+                    path = f"/api/routes/probe/p{i // 2}"
+                    try:
+                        if i % 2 == 0:
+                            target = f"http://127.0.0.1:{self.bench.backend_port}"
+                            lat = api.probe_once(
+                                self.api_port, self.token, "POST", path, {"target": target}
+                            )
+                        else:
+                            lat = api.probe_once(self.api_port, self.token, "DELETE", path)
+                        latencies.append(lat)
+                    except Exception:
+                        errors += 1
+                    i += 1
+                    time.sleep(mode.probe_interval)
+            finally:
+                res = wrk.finish(load, mode.duration)
+            return res
+
+        res, _ = self.measured("api_under_load", work)
+        self.steps["api_under_load"] |= {"probes": len(latencies), "probe_errors": errors}
+        if not latencies:
+            raise RuntimeError("no API probe succeeded under load")
+        lat = sorted(latencies)
+        self.metrics |= {
+            "api_load_p50_ms": percentile(lat, 50) * 1e3,
+            "api_load_p99_ms": percentile(lat, 99) * 1e3,
+            "api_load_max_ms": lat[-1] * 1e3,
+            "api_load_errors": float(errors),
+            "api_load_dp_rps": res.rps,
+        }
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    rank = max(1, min(len(sorted_values), math.ceil(pct / 100 * len(sorted_values))))
+    return sorted_values[rank - 1]
