@@ -110,7 +110,6 @@ async def serve(config: Config) -> int:
         log.info("Proxying %s to %s", public.url(), config.default_target or "(no default)")
         log.info("Proxy API at %s/api/routes", api.url())
         if config.pid_file:
-            log.info("Writing pid %s to %s", os.getpid(), config.pid_file)
             try:
                 with open(config.pid_file, "w") as f:
                     f.write(str(os.getpid()))
@@ -118,6 +117,8 @@ async def serve(config: Config) -> int:
                 log.error("Cannot write pid file %s: %s", config.pid_file, e.strerror)
                 return 1
             pid_written = True
+            # logged once written (CHP logs first), so the line tells a reader the file is there
+            log.info("Writing pid %s to %s", os.getpid(), config.pid_file)
 
         await stop.wait()
         log.warning("%s", stop_reason[0])
