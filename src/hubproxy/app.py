@@ -61,6 +61,16 @@ async def _add_default_route(store: RouteStore, target: str) -> None:
     log.info("Route added / -> %s", target)
 
 
+def _log_uncaught(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """Whatever escapes a callback is logged in CHP's words; the proxy carries on."""
+    exc = context.get("exception")
+    message = context.get("message", "")
+    if isinstance(exc, BaseException):
+        log.error("Uncaught Exception: %s", exc or message, exc_info=exc)
+    else:
+        log.error("Uncaught Exception: %s", message)
+
+
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -70,6 +80,7 @@ async def serve(config: Config) -> int:
         stop_reason.append(reason)
         stop.set()
 
+    loop.set_exception_handler(_log_uncaught)
     loop.add_signal_handler(signal.SIGTERM, request_stop, "Terminated")
     loop.add_signal_handler(signal.SIGINT, request_stop, "Interrupted")
 

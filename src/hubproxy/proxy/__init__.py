@@ -54,6 +54,7 @@ class ProxyService:
         self.keep_alive_header = b"Connection: keep-alive\r\nKeep-Alive: timeout=%d\r\n" % max(
             1, config.keep_alive_timeout // 1000
         )
+        self.debug = log.isEnabledFor(logging.DEBUG)  # checked once: logging calls cost per request
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._pools: dict[str, Pool] = {}

@@ -53,6 +53,10 @@ HEALTH_BODY = b'{"status":"OK"}'
 _PIPELINE, _CONNECTING, _UPSTREAM_FULL = 1, 2, 4
 
 
+class HeadTooLarge(Exception):
+    """The request line and headers exceed MAX_HEAD_BYTES (answered with 431)."""
+
+
 class Request:
     __slots__ = (
         "body_kind",
@@ -222,9 +226,18 @@ class ClientConnection(asyncio.Protocol):
             elif rest and self.upstream is not None:
                 self.upstream.write(rest)
             return
+        except httptools.HttpParserCallbackError as e:
+            # raised inside one of our callbacks: an oversized head, or a bug of ours
+            self._flush_upstream()
+            if isinstance(e.__context__, HeadTooLarge):
+                self._bad_request(431, e.__context__)
+            else:
+                log.error("Uncaught Exception: %s", e.__context__, exc_info=e.__context__)
+                self._bad_request(500, e)
+            return
         except httptools.HttpParserError as e:
             self._flush_upstream()
-            self._bad_request(e)
+            self._bad_request(400, e)
             return
         self._flush_upstream()
 
@@ -238,12 +251,11 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self._pause(_PIPELINE)
 
-    def _bad_request(self, exc: Exception) -> None:
+    def _bad_request(self, status: int, exc: BaseException | None) -> None:
         if self.active is not None:
             # a request is being answered: its answer cannot be followed by ours
             self.abort()
             return
-        status = 431 if self.head_bytes > MAX_HEAD_BYTES else 400
         log.debug("Bad request from %s: %s", self.client_ip.decode(), exc)
         body = reason(status)
         self.transport_write(
@@ -262,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
         request.url += url
         self.head_bytes += len(url)
         if self.head_bytes > MAX_HEAD_BYTES:
-            raise httptools.HttpParserError("request head too large")
+            raise HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
@@ -272,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
         request.headers.append((name, value))
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
-            raise httptools.HttpParserError("request head too large")
+            raise HeadTooLarge
 
     def on_headers_complete(self) -> None:
         request = self.parsing
@@ -373,12 +385,10 @@ class ClientConnection(asyncio.Protocol):
         )
         request.host = head.host
         request.body_kind = head.body
-        log.debug(
-            "PROXY %s %s to %s",
-            "WS" if request.websocket else "WEB",
-            url.partition(b"?")[0].decode("latin-1"),
-            route.target,
-        )
+        if service.debug:
+            kind = "WS" if request.websocket else "WEB"
+            shown = url.partition(b"?")[0].decode("latin-1")
+            log.debug("PROXY %s %s to %s", kind, shown, route.target)
         conn = pool.take()
         if conn is not None:
             self._attach(request, conn, head.head)
