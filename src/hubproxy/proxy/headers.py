@@ -44,7 +44,7 @@ NO_BODY, LENGTH_BODY, CHUNKED_BODY = 0, 1, 2
 class ForwardRules:
     """The request-rewriting part of the configuration, rendered to bytes once."""
 
-    __slots__ = ("change_origin", "custom", "special", "x_forward")
+    __slots__ = ("change_origin", "custom", "custom_host", "custom_xf", "special", "x_forward")
 
     def __init__(self, config: Config) -> None:
         self.x_forward = config.x_forward
@@ -60,9 +60,11 @@ class ForwardRules:
                 del special[name]
             del special[b"x-forwarded-host"]
         for lowered in custom:  # custom headers replace the client's, whatever their case
-            if special.get(lowered) != _HOST:
-                special[lowered] = _DROP
+            special[lowered] = _DROP
         self.special = special
+        # a custom Host or X-Forwarded-* also replaces the one the proxy would compute
+        self.custom_host = b"host" in custom and not config.change_origin
+        self.custom_xf = frozenset(n for n in custom if n.startswith(b"x-forwarded-"))
 
 
 class RequestHead(NamedTuple):
@@ -122,22 +124,22 @@ def build_request_head(
         named = {o for o in connection_options if o and o not in _CONNECTION_OPTIONS}
         if named:  # headers the client marked as hop-by-hop go no further (RFC 9110 §7.6.1)
             out = _without(out, named)
-    if rules.change_origin or host is None:
+    if rules.change_origin:
         out += (b"Host: ", target.netloc, b"\r\n")
-    else:
-        out += (b"Host: ", host, b"\r\n")
+    elif not rules.custom_host:
+        out += (b"Host: ", target.netloc if host is None else host, b"\r\n")
     if rules.x_forward:
         port = _port_of(host) or (b"443" if proto in (b"https", b"wss") else b"80")
-        out += (
-            b"X-Forwarded-For: ",
-            client_ip if xff is None else xff + b"," + client_ip,
-            b"\r\nX-Forwarded-Port: ",
-            port if xfport is None else xfport + b"," + port,
-            b"\r\nX-Forwarded-Proto: ",
-            proto if xfproto is None else xfproto + b"," + proto,
-            b"\r\n",
-        )
-        if not websocket:  # CHP sends none on WebSocket upgrades
+        forwarded = [
+            (b"x-forwarded-for", b"X-Forwarded-For: ", xff, client_ip),
+            (b"x-forwarded-port", b"X-Forwarded-Port: ", xfport, port),
+            (b"x-forwarded-proto", b"X-Forwarded-Proto: ", xfproto, proto),
+        ]
+        for lowered, label, existing, value in forwarded:
+            if lowered not in rules.custom_xf:
+                out += (label, value if existing is None else existing + b"," + value, b"\r\n")
+        if not websocket and b"x-forwarded-host" not in rules.custom_xf:
+            # CHP sends none on WebSocket upgrades, and never appends to it
             out += (b"X-Forwarded-Host: ", xfhost or host or b"", b"\r\n")
     if rules.custom:
         out.append(rules.custom)
@@ -176,14 +178,19 @@ def rewrite_location(
     scheme, sep, rest = location.partition(b"://")
     if not sep:
         return location
-    authority, slash, tail = rest.partition(b"/")
+    end = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        found = rest.find(delimiter)
+        if 0 <= found < end:
+            end = found
+    authority, tail = rest[:end], rest[end:]
     if authority.lower() not in _authorities(target):
         return location
     if auto_rewrite and client_host:
         authority = client_host
     if protocol_rewrite:
         scheme = protocol_rewrite
-    return scheme + b"://" + authority + slash + tail
+    return scheme + b"://" + authority + tail
 
 
 def _authorities(target: Target) -> tuple[bytes, ...]:
