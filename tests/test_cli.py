@@ -7,6 +7,7 @@ Parsing is unit-tested through `cli.parse`; the error paths also run the real pr
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -645,3 +646,85 @@ def test_help_marks_options_not_supported_yet() -> None:
     refused_whole = {label for label, _ in NOT_SUPPORTED_YET if " " not in label}
     for option, text in helps.items():
         assert text.endswith("[not supported yet]") == (option in refused_whole), option
+
+
+# --- nothing silently ignored; the README tells the truth --------------------------------------
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "hubproxy"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+# fields used by cli.main itself, or only by a feature that is refused as a whole for now
+USED_BY_CLI = {"log_level", "log_format"}
+ONLY_WITH_REFUSED_OPTIONS = {
+    "ssl_key_passphrase": "ssl_key",
+    "api_ssl_key_passphrase": "api_ssl_key",
+}
+
+
+def _non_default(field: str) -> Any:
+    default = getattr(Config(), field)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 1
+    if field == "log_format":
+        return "json"
+    return "x"
+
+
+def test_every_config_field_is_used_or_refused() -> None:
+    """A field nothing reads would be an option silently ignored: it must be refused instead."""
+    from dataclasses import fields, replace
+
+    sources = "\n".join(
+        p.read_text() for p in SRC.rglob("*.py") if p.name != "cli.py" or p.parent != SRC
+    )
+    for field in (f.name for f in fields(Config)):
+        if re.search(rf"\.{field}\b", sources) or field in USED_BY_CLI:
+            continue
+        if field in ONLY_WITH_REFUSED_OPTIONS:
+            field = ONLY_WITH_REFUSED_OPTIONS[field]
+        config = replace(Config(), **{field: _non_default(field)})
+        assert not_supported(config) is not None, f"{field} is neither used nor refused"
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in README.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `-") and len(cells) == 5:
+            for option in cells[0].split(", "):
+                rows[option.strip("`")] = cells
+    return rows
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    lines = README.read_text().splitlines()
+    assert lines[0].startswith("# ")
+    body = [line for line in lines[1:] if line.strip() and not line.startswith("```")]
+    assert body[:2] == [
+        "pip install . && hubproxy --default-target http://127.0.0.1:8081",
+        "pip install -e '.[test]' && python -m pytest",
+    ]
+    assert lines[1:3] == ["", "```sh"] and lines[5] == "```"
+
+
+def test_readme_lists_every_option_with_its_status() -> None:
+    rows = _readme_rows()
+    parser = _build_parser("hubproxy")
+    options = {o for a in parser._actions for o in a.option_strings}
+    assert set(rows) == options
+    refused_whole = {label for label, _ in NOT_SUPPORTED_YET if " " not in label}
+    for option, cells in rows.items():
+        status = cells[4]
+        assert (status == "not yet") == (option in refused_whole), option
+        assert status in ("yes", "not yet") or option in ("--storage-backend", "--log-format")
+
+
+def test_ci_script_runs_the_readme_test_command() -> None:
+    script = (README.parent / ".ci" / "run").read_text()
+    assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
+    assert os.access(README.parent / ".ci" / "run", os.X_OK)
+    commands = [line for line in script.splitlines() if line and not line.startswith(("#", " "))]
+    assert commands[-1] == 'python -m pytest "$@"'
+    assert "python -m pip install -q -e '.[test]'" in commands
