@@ -9,8 +9,9 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from bench import report
+from bench import deps, report
 from bench.config import MODES, REPO, RESULTS, known_proxies, mode_for, parse_extra
 from bench.runner import run_all
 
@@ -22,6 +23,17 @@ EPILOG = """modes:
 Raw results go to bench/results/<time>-<mode>.json; docs/benchmarks.md and .png are written
 only with --write-docs. A proxy that does not start is reported as failed; the others go on.
 """
+
+
+def write_docs(results: dict[str, Any], docs_dir: Path) -> None:
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    png = docs_dir / "benchmarks.png"
+    (docs_dir / "benchmarks.md").write_text(report.markdown(results, png.name))
+    if deps.ensure_matplotlib():
+        report.chart(results, png)
+    else:
+        print("matplotlib missing: no chart written")
+    print(f"wrote {docs_dir / 'benchmarks.md'} and {png}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md/.png")
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="raw results folder")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="do not run: print (and with --write-docs, write) the report of a raw results file",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads(args.report.read_text())
+        print(report.console(results))
+        if args.write_docs:
+            write_docs(results, args.docs_dir)
+        return 0
 
     extra = {spec.name: spec for spec in map(parse_extra, args.proxy_cmd)}
     available = known | extra
@@ -78,16 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nraw results: {raw}  ({results['elapsed_s']:.0f} s)")
 
     if args.write_docs:
-        args.docs_dir.mkdir(parents=True, exist_ok=True)
-        png = args.docs_dir / "benchmarks.png"
-        (args.docs_dir / "benchmarks.md").write_text(report.markdown(results, png.name))
-        from bench import deps
-
-        if deps.ensure_matplotlib():
-            report.chart(results, png)
-        else:
-            print("matplotlib missing: no chart written")
-        print(f"wrote {args.docs_dir / 'benchmarks.md'} and {png}")
+        write_docs(results, args.docs_dir)
     ran = [r for p in results["proxies"].values() for r in p["runs"] if r["ok"]]
     return 0 if ran else 1
 

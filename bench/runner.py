@@ -38,7 +38,7 @@ def machine_info() -> dict[str, str]:
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
     return {
         "cpu": model,
-        "nproc": _cmd_output(["nproc"]),
+        "nproc": str(os.cpu_count()),
         "memory": f"{int(mem) / 1024 / 1024:.1f} GiB",
         "kernel": platform.release(),
     }

@@ -213,23 +213,26 @@ class Run:
         self._run_async(self._websocket_idle())
 
     async def _websocket_idle(self) -> None:
+        """RSS with N idle sockets open, then the marginal cost of N more (a runtime's heap grows
+        in steps, so the first N also pay for heap growth; the second N show the per-socket
+        cost)."""
         n = self.mode.idle_ws
-        # one socket first, so one-time costs (loading the upgrade code path) are not counted
-        clients = await wsload.open_sockets(self.port, 1, wsload.Counter(0), timeout=10)
-        await asyncio.sleep(0.2)
-        before_mib = self.rss()
+        counter = wsload.Counter(0)
+        clients: list[wsload.WsClient] = []
+        samples = [self.rss()]
         try:
-            clients += await wsload.open_sockets(self.port, n, wsload.Counter(0), timeout=60)
-            await asyncio.sleep(1.0)
-            after_mib = self.rss()
+            for _ in range(2):
+                clients += await wsload.open_sockets(self.port, n, counter, timeout=60)
+                await asyncio.sleep(1.0)
+                samples.append(self.rss())
             assert self.proxy is not None
             self.steps["websocket_idle"] = {
-                "sockets": n,
-                "rss_before_mib": before_mib,
-                "rss_after_mib": after_mib,
+                "sockets": [0, n, 2 * n],
+                "rss_mib": samples,
                 "proxy_fds": len(os.listdir(f"/proc/{self.proxy.pid}/fd")),
             }
-            self.metrics["ws_idle_mib_per_1000"] = (after_mib - before_mib) * 1000 / n
+            self.metrics["ws_idle_rss_mib"] = samples[1]
+            self.metrics["ws_idle_mib_per_1000"] = (samples[2] - samples[1]) * 1000 / n
         finally:
             wsload.close_all(clients)
         await asyncio.sleep(0.5)  # let the proxy tear the sockets down
@@ -277,16 +280,22 @@ class Run:
 
     def step_api_get_all(self) -> None:
         client = api.ApiClient(self.api_port, self.token, timeout=30)
-        try:
-            times = []
+        times: list[float] = []
+
+        def work() -> int:
+            count = 0
             for _ in range(self.mode.get_repeats):
                 elapsed, count = api.get_all(client)
                 times.append(elapsed)
-                if count < self.mode.routes:
-                    raise RuntimeError(f"GET /api/routes listed {count} routes")
+            return count
+
+        try:
+            count, _ = self.measured("api_get_all", work)
         finally:
             client.close()
-        self.steps["api_get_all"] = {"times_s": times, "routes": count}
+        self.steps["api_get_all"] |= {"times_s": times, "routes": count}
+        if count < self.mode.routes:
+            raise RuntimeError(f"GET /api/routes listed {count} routes")
         self.metrics["api_get_all_ms"] = statistics.median(times) * 1e3
 
     def step_routes(self) -> None:
