@@ -29,6 +29,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -194,6 +195,8 @@ def _epoch_ms(when: datetime) -> int:
 
 def format_js_date(when: datetime) -> str:
     """JS `Date.prototype.toJSON`: `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, milliseconds truncated."""
+    if when.tzinfo is UTC:  # the store's own times: the fast path (GET all formats thousands)
+        return when.isoformat(timespec="milliseconds")[:-6] + "Z"
     if when.tzinfo is not None and when.utcoffset():
         when = when.astimezone(UTC)
     return when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
@@ -227,6 +230,12 @@ class _BodyError(ValueError):
     pass
 
 
+def _parse_float(text: str) -> float | None:
+    # `1e400` parses to Infinity in JS too, which JSON.stringify writes back as null
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
 def _reject_constant(name: str) -> Any:
     raise _BodyError(f"SyntaxError: Unexpected token '{name[0]}'")
 
@@ -243,11 +252,15 @@ def parse_body(body: bytes) -> Any:
     if not text.strip(" \t\n\r"):
         raise _BodyError("SyntaxError: Unexpected end of JSON input")
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+    except _BodyError:
+        raise
     except json.JSONDecodeError as e:
         raise _BodyError(f"SyntaxError: {e}") from None
     except RecursionError:
         raise _BodyError("SyntaxError: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer beyond Python's 4300-digit conversion limit
+        raise _BodyError(f"SyntaxError: {e}") from None
     if data is None or data is False or data == "" or (type(data) in (int, float) and data == 0):
         return {}
     return data

@@ -5,9 +5,11 @@ change feed (`watch`). Keys given to a store are always cleaned (`routing.clean_
 cleans them, unlike CHP's plugins, which clean inside `get`/`remove`); data is a JSON-like dict
 whose `last_activity`, when present, is an aware UTC `datetime` (the API serialises it).
 
-Data returned by `get` and `get_all` is the caller's to change at the top level only; nested
-values may be shared with the store and must only be read. Any method may raise
-`StoreUnavailable` when the backing service is down; the API answers 503 then.
+Data returned by `get` is the caller's to change at the top level only (nested values may be
+shared with the store); the mapping `get_all` returns is the caller's, but its route data may be
+the store's own and must only be read (GET /api/routes serialises 10,000 routes without copying
+them). Any method may raise `StoreUnavailable` when the backing service is down; the API answers
+503 then.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class RouteStore(Protocol):
         """The route's data, or None."""
 
     async def get_all(self) -> dict[str, RouteData]:
-        """Every route, in insertion order (re-adding a key keeps its place)."""
+        """Every route, in insertion order (re-adding a key keeps its place); read-only data."""
 
     async def add(self, key: str, data: RouteData) -> None:
         """Store `data` under `key`, replacing any previous data entirely."""
