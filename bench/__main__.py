@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--quick", action="store_true", help="1 run, short steps")
     speed.add_argument("--smoke", action="store_true", help="seconds, tiny counts (CI)")
     parser.add_argument("--runs", type=int, help="runs per proxy (median of them)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each run, wait up to S seconds for other processes to go quiet",
+    )
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md/.png")
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="raw results folder")
@@ -90,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
-    results = run_all([available[n] for n in names], mode, command.strip(), args.out)
+    specs = [available[n] for n in names]
+    results = run_all(specs, mode, command.strip(), args.out, args.wait_quiet)
     results["elapsed_s"] = time.perf_counter() - t0
 
     args.out.mkdir(parents=True, exist_ok=True)

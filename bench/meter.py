@@ -5,8 +5,8 @@ the children we reaped (wrk), and the machine's /proc/stat. From that:
 
 - ``proxy_cpu_s`` divided by the work done is the figure a saturated load generator cannot hide;
 - ``proxy_util`` near 1.0 means the proxy was the bottleneck (it has one core);
-- ``load_util`` (the load core, busy) near 1.0 with ``proxy_util`` well below means the load side
-  (wrk, backend, our clients) was the bottleneck;
+- ``load_ours_util`` (CPU of wrk, the backend and this process, all pinned to the load core)
+  near 1.0 with ``proxy_util`` well below means the load side was the bottleneck;
 - ``other_util`` is CPU that processes we did not start used during the step; above
   ``NOISE_UTIL`` (or any steal) the step is flagged noisy.
 """
@@ -52,10 +52,11 @@ class StepStats:
     backend_util: float
     proxy_core_util: float
     load_core_util: float
+    load_ours_util: float
     other_util: float
     steal_util: float
     noisy: bool
-    bound: str  # "proxy", "load", or ""
+    bound: str  # "proxy", "load", "contended" (noisy, neither saturated) or ""
 
     def as_dict(self) -> dict[str, float | bool | str]:
         return asdict(self)
@@ -90,17 +91,24 @@ class Meter:
         other = max(0.0, util("cpu", "work") - known / wall)
         steal = util("cpu", "steal")
         proxy_util = proxy / wall
-        load_util = util(self.load_core, "busy")
-        bound = "proxy" if proxy_util > 0.9 else "load" if load_util > 0.95 else ""
+        ours_on_load_core = (known - proxy) / wall  # backend, wrk and this process are pinned there
+        noisy = other > NOISE_UTIL or steal > STEAL_UTIL
+        if proxy_util > 0.9:
+            bound = "proxy"
+        elif ours_on_load_core > 0.85:
+            bound = "load"
+        else:
+            bound = "contended" if noisy else ""
         return StepStats(
             wall_s=wall,
             proxy_cpu_s=proxy,
             proxy_util=proxy_util,
             backend_util=backend / wall,
             proxy_core_util=util(self.proxy_core, "busy"),
-            load_core_util=load_util,
+            load_core_util=util(self.load_core, "busy"),
+            load_ours_util=ours_on_load_core,
             other_util=other,
             steal_util=steal,
-            noisy=other > NOISE_UTIL or steal > STEAL_UTIL,
+            noisy=noisy,
             bound=bound,
         )

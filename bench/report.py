@@ -149,7 +149,8 @@ def table(results: dict[str, Any]) -> str:
 
 def bottleneck_table(results: dict[str, Any]) -> str:
     """Per step: proxy CPU use of its core, load core use, others' CPU: who limited the figure."""
-    head = ["proxy", "step", "proxy CPU", "load core busy", "backend CPU", "others' CPU", "bound"]
+    head = ["proxy", "step", "proxy CPU", "load side CPU", "of it backend", "load core busy"]
+    head += ["others' CPU", "bound"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, data in results["proxies"].items():
         for step in STEPS:
@@ -163,7 +164,8 @@ def bottleneck_table(results: dict[str, Any]) -> str:
             bound = Counter(g["bound"] for g in got).most_common(1)[0][0] or "neither"
             noisy = sum(1 for g in got if g["noisy"])
             others = med("other_util") + (f" ({noisy} noisy)" if noisy else "")
-            row = [name, step, med("proxy_util"), med("load_core_util"), med("backend_util")]
+            row = [name, step, med("proxy_util"), med("load_ours_util"), med("backend_util")]
+            row += [med("load_core_util")]
             lines.append("| " + " | ".join([*row, others, bound]) + " |")
     return "\n".join(lines)
 
@@ -218,10 +220,12 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "## Who was the bottleneck",
         "",
         "Proxy CPU is the proxy's own utime+stime over the step's wall time (it has one core). "
-        "Load core busy is core 1, shared by wrk, the backend and the bench's own WebSocket and "
-        "API clients. `bound` is `proxy` above 90% proxy CPU, `load` when the load core is above "
-        "95% while the proxy is not: then throughput is the load generator's limit and only the "
-        "CPU-per-unit figures compare the proxies.",
+        "Load side CPU is that of wrk, the backend and the bench's own WebSocket and API "
+        "clients, all pinned to core 1; load core busy is core 1 as /proc/stat sees it (anyone's "
+        "work). `bound` is `proxy` above 90% proxy CPU, `load` when the load side is above 85% "
+        "while the proxy is not (then throughput is the load generator's limit and only the "
+        "CPU-per-unit figures compare the proxies), `contended` when neither is saturated but "
+        "other processes took CPU: then only the CPU-per-unit figures mean much.",
         "",
         bottleneck_table(results),
         "",

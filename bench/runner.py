@@ -77,7 +77,19 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def run_all(specs: list[ProxySpec], mode: Mode, command: str, out_dir: Path) -> dict[str, Any]:
+def wait_quiet(limit: float) -> float:
+    """Wait up to ``limit`` s for other processes to use under NOISE_UTIL; return their use."""
+    deadline = time.perf_counter() + limit
+    background = quiet_check()
+    while background > NOISE_UTIL and time.perf_counter() < deadline:
+        print(f"(others use {background:.0%} of a core: waiting)", end=" ", flush=True)
+        background = quiet_check(2.0)
+    return background
+
+
+def run_all(
+    specs: list[ProxySpec], mode: Mode, command: str, out_dir: Path, quiet_wait: float = 0.0
+) -> dict[str, Any]:
     raise_fd_limit()
     cores = sorted(os.sched_getaffinity(0))
     proxy_core, load_core = cores[0], cores[-1]
@@ -123,9 +135,12 @@ def run_all(specs: list[ProxySpec], mode: Mode, command: str, out_dir: Path) -> 
             for spec in specs:
                 t0 = time.perf_counter()
                 print(f"[run {i + 1}/{mode.runs}] {spec.name} ...", end=" ", flush=True)
+                background = wait_quiet(quiet_wait) if quiet_wait > 0 else None
                 run = Run(spec, bench, i + 1)
                 run.execute()
-                results["proxies"][spec.name]["runs"].append(run.as_dict())
+                results["proxies"][spec.name]["runs"].append(
+                    run.as_dict() | {"background_cpu_before": background}
+                )
                 status = run.error.splitlines()[0] if run.error else "ok"
                 if run.errors:
                     status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
