@@ -52,7 +52,8 @@ class ProxyProcess:
         )
         self.stderr = ""
         self._eof = False
-        threading.Thread(target=self._read_stdout, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
@@ -90,7 +91,7 @@ class ProxyProcess:
                 self._cond.wait(min(remaining, 0.2))
 
     def _read_stderr(self) -> str:
-        if self.proc.stderr is not None:
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
             self.proc.wait(10)
             self.stderr += self.proc.stderr.read()
         return ("\nstderr:\n" + self.stderr) if self.stderr else ""
@@ -103,6 +104,12 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(10)  # the process is gone: its stdout reaches EOF
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.stderr += self.proc.stderr.read()  # kept in .stderr
+            self.proc.stderr.close()
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
         return self.proc.returncode
 
     def output(self) -> str:

@@ -28,13 +28,13 @@ import logging
 import os
 import re
 import sys
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from hubproxy import __version__
 from hubproxy.config import Config
 from hubproxy.logs import LEVELS, setup_logging
+from hubproxy.proxy.target import TargetError, parse_target
 
 log = logging.getLogger("hubproxy")
 
@@ -84,8 +84,6 @@ LOG_FORMATS = ("text", "json")
 
 MAX_PORT = 65535
 MAX_MILLISECONDS = 2**31 - 1  # Node's (and so CHP's) largest timer
-UNIX_SCHEMES = ("http+unix", "unix+http")  # `unix+http` is CHP 5.1's spelling
-TARGET_SCHEMES = ("http", "https", *UNIX_SCHEMES)
 
 ENV_TOKEN = "CONFIGPROXY_AUTH_TOKEN"
 ENV_TOKEN_FILE = "CONFIGPROXY_AUTH_TOKEN_FILE"
@@ -366,17 +364,11 @@ def _target(name: str, value: str | None) -> str | None:
     """A target URL must at least look like one (CHP would fail every request with a 500)."""
     if value is None:
         return None
-    why = "Expected a URL such as http://127.0.0.1:8081 or http+unix://%2Fpath%2Fto.sock."
     try:
-        parts = urllib.parse.urlsplit(value)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError as e:
+        parse_target(value)
+    except TargetError as e:
+        why = "Expected a URL such as http://127.0.0.1:8081 or http+unix://%2Fpath%2Fto.sock."
         raise _invalid(name, value, why) from e
-    scheme = parts.scheme.lower()
-    if scheme not in TARGET_SCHEMES:
-        raise _invalid(name, value, why)
-    if not (parts.netloc if scheme in UNIX_SCHEMES else parts.hostname):
-        raise _invalid(name, value, why)
     return value
 
 

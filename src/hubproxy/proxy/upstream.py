@@ -316,7 +316,11 @@ class UpstreamConnection(asyncio.Protocol):
             framing = b""
             if request.head and (length is None or length != b"0"):
                 self.skip_body = True
-                self.keep_alive = self.parser.should_keep_alive()
+                # llhttp expects a body (until EOF without a length) and says "not keep-alive";
+                # a HEAD response has none, so judge by version and Connection alone
+                self.keep_alive = self.parser.get_http_version() == "1.1" and not any(
+                    n.lower() == b"connection" and b"close" in v.lower() for n, v in self.headers
+                )
                 self.done = True
         elif length is not None:
             framing = b""
