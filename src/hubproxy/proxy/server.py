@@ -247,6 +247,7 @@ class ClientConnection(asyncio.Protocol):
             upstream = self.upstream
             if upstream is not None and upstream.transport is not None:
                 upstream.transport.write(b"".join(out) if len(out) > 1 else out[0])
+                upstream.last_io = self.last_io  # writing counts for --proxy-timeout
             out.clear()
         if self.queue:
             self._pause(_PIPELINE)

@@ -216,7 +216,8 @@ class UpstreamConnection(asyncio.Protocol):
         if client is None:  # an idle connection has nothing to say; don't trust it again
             self.close()
             return
-        self.last_io = time.monotonic()
+        # reading here and writing to the client both count against the inactivity timeouts
+        self.last_io = client.last_io = time.monotonic()
         if self.tunnel:
             client.transport_write(data)
             return
