@@ -208,13 +208,16 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_io = time.monotonic()
-        if self.tunnel:
-            upstream = self.upstream
-            if upstream is not None:
-                upstream.write(data)
-                route = self.active.route if self.active is not None else None
-                if route is not None:
-                    self.service.table.mark_active(route)
+        active = self.active
+        if self.tunnel or (active is not None and active.upgrade):
+            # past an upgrade request nothing is HTTP any more: bytes go to the target as they
+            # are (before its 101 arrives they wait with the request)
+            if active is not None and active.pending is not None:
+                active.pending.append(data)
+            elif self.upstream is not None:
+                self.upstream.write(data)
+                if active is not None and active.route is not None:
+                    self.service.table.mark_active(active.route)
             return
         try:
             self.parser.feed_data(data)
@@ -327,6 +330,8 @@ class ClientConnection(asyncio.Protocol):
     # -- answering -------------------------------------------------------------------------------
 
     def start(self, request: Request) -> None:
+        if self.closed:  # answered and closed while httptools was still parsing this read
+            return
         self.active = request
         service = self.service
         url = request.url
@@ -371,7 +376,7 @@ class ClientConnection(asyncio.Protocol):
             if target.path != "/" or target.query:
                 path = join_paths(target.path.encode(), target.query.encode(), path, query)
             elif query:
-                path = path + b"?" + query
+                path = (path or b"/") + b"?" + query
         else:
             path = join_paths(b"/", b"", path, query)
         head = build_request_head(
