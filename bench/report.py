@@ -175,7 +175,10 @@ def failures(results: dict[str, Any]) -> list[str]:
     for name, data in results["proxies"].items():
         for i, run in enumerate(data["runs"]):
             if run["error"]:
-                out.append(f"{name} run {i + 1}: {run['error'].splitlines()[0]}")
+                lines = run["error"].splitlines()
+                detail = "; ".join(x.strip() for x in lines[1:4])
+                log = f" (log: {detail})" if detail else ""
+                out.append(f"{name} run {i + 1}: {lines[0]}{log}")
             for step, err in run["errors"].items():
                 out.append(f"{name} run {i + 1}, {step}: {err.splitlines()[0][:200]}")
     return out

@@ -28,7 +28,6 @@ from bench.config import Mode, ProxySpec
 from bench.meter import Meter, StepStats
 
 T = TypeVar("T")
-MIB = 1 << 20
 
 
 @dataclass
@@ -171,8 +170,8 @@ class Run:
         self.metrics["rss_idle_mib"] = self.rss()
 
     def step_warmup(self) -> None:
-        argv = wrk.command(self.url("small"), self.bench.load_core, self.mode.conns, 1)
-        wrk.run(argv, self.mode.warmup)
+        mode = self.mode
+        wrk.run(wrk.command(self.url("small"), self.bench.load_core, mode.conns, mode.warmup), 1)
 
     def step_keepalive(self) -> None:
         res, st = self.wrk_step("keepalive", self.url("small"), self.mode.conns)
