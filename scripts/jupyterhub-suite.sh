@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Run JupyterHub's own test suite (the `jupyterhub.tests` package shipped with the installed
+# `jupyterhub`) against hubproxy: JupyterHub starts whatever `configurable-http-proxy` is first on
+# PATH, and this script makes sure that is hubproxy's (or Node CHP's, with --node, to compare a
+# failure with the reference).
+#
+# Usage:
+#   scripts/jupyterhub-suite.sh                 # test_proxy.py only (well under a minute; CI runs it)
+#   scripts/jupyterhub-suite.sh --all           # the whole suite (~1,250 tests, 12+ minutes)
+#   scripts/jupyterhub-suite.sh test_api test_pages          # some modules
+#   scripts/jupyterhub-suite.sh test_proxy -- -k external    # extra pytest arguments after --
+#   scripts/jupyterhub-suite.sh --node test_proxy            # the same against Node CHP
+#
+# Environment: CHP_REF (default /work/chp-ref/node_modules/.bin) is where --node finds Node CHP;
+# JHSUITE_TIMEOUT (default 60) is pytest-timeout's per-test limit (one token-page test waits
+# forever when it fails); JHSUITE_JUNIT=<file> writes a JUnit XML report.
+#
+# Needs: pip install -e '.[jupyterhub]' (jupyterhub[test], jupyter_server, ipykernel).
+# Offline, the subdomain tests skip (they need *.localhost.jovyan.org in public DNS), and the
+# browser tests are deselected (they need playwright's browsers).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python}"
+proxy="hubproxy"
+modules=()
+extra=()
+while (($#)); do
+    case "$1" in
+        --node) proxy="node"; shift ;;
+        --all) modules=(ALL); shift ;;
+        --) shift; extra=("$@"); break ;;
+        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) modules+=("$1"); shift ;;
+    esac
+done
+((${#modules[@]})) || modules=(test_proxy)
+
+# --- which configurable-http-proxy JupyterHub will find -----------------------------------------
+bindir="$("$python" -c 'import os, sys; print(os.path.dirname(sys.executable))')"
+if [[ $proxy == node ]]; then
+    chp_dir="${CHP_REF:-/work/chp-ref/node_modules/.bin}"
+    [[ -x $chp_dir/configurable-http-proxy ]] || { echo "no Node CHP at $chp_dir" >&2; exit 2; }
+    export PATH="$chp_dir:$PATH"
+else
+    # the console script installed with hubproxy sits next to the interpreter
+    [[ -x $bindir/configurable-http-proxy ]] || {
+        echo "hubproxy's configurable-http-proxy is not installed in $bindir (pip install -e .)" >&2
+        exit 2
+    }
+    export PATH="$bindir:$PATH"
+fi
+found="$(command -v configurable-http-proxy)"
+version="$(configurable-http-proxy --version)"
+if [[ $proxy == hubproxy ]]; then
+    "$python" - "$found" <<'EOF' || { echo "configurable-http-proxy on PATH ($found) is not hubproxy" >&2; exit 2; }
+import sys
+text = open(sys.argv[1], encoding="utf-8", errors="replace").read()
+sys.exit(0 if "hubproxy" in text else 1)
+EOF
+fi
+jh_version="$("$python" -c 'import jupyterhub; print(jupyterhub.__version__)')"
+echo "jupyterhub-suite: JupyterHub $jh_version; proxy: $found (version $version)"
+
+# --- run from an empty directory (JupyterHub's fixtures chdir to temporary dirs as well) ---------
+work="$(mktemp -d "${TMPDIR:-/tmp}/jhsuite.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+targets=()
+for m in "${modules[@]}"; do
+    if [[ $m == ALL ]]; then
+        targets+=(jupyterhub.tests)
+    else
+        targets+=("jupyterhub.tests.${m%.py}")
+    fi
+done
+junit=()
+[[ -n ${JHSUITE_JUNIT:-} ]] && junit=("--junitxml=$(realpath -m "$JHSUITE_JUNIT")")
+
+cd "$work"
+export PYTHONPATH="$here/jupyterhub_suite${PYTHONPATH:+:$PYTHONPATH}"
+exec "$python" -m pytest -c "$here/jupyterhub_suite/pytest.ini" --rootdir "$work" \
+    --timeout "${JHSUITE_TIMEOUT:-60}" "${junit[@]}" --pyargs "${targets[@]}" "${extra[@]}"
