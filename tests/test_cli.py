@@ -582,28 +582,6 @@ def test_ip_star_warning_is_logged_before_exiting() -> None:
 
 # option in the message -> a command line that uses it (with what it needs to get past `check`)
 NOT_YET_ARGV: dict[str, list[str]] = {
-    "--ssl-key": ["--ssl-key", "k.pem"],
-    "--ssl-cert": ["--ssl-cert", "c.pem"],
-    "--ssl-ca": ["--ssl-ca", "ca.pem"],
-    "--ssl-request-cert": ["--ssl-request-cert"],
-    "--ssl-reject-unauthorized": ["--ssl-reject-unauthorized"],
-    "--ssl-protocol": ["--ssl-protocol", "TLSv1_2"],
-    "--ssl-ciphers": ["--ssl-ciphers", "HIGH"],
-    "--ssl-allow-rc4": ["--ssl-allow-rc4"],
-    "--ssl-dhparam": ["--ssl-dhparam", "dh.pem"],
-    "--api-ssl-key": ["--api-ssl-key", "k.pem"],
-    "--api-ssl-cert": ["--api-ssl-cert", "c.pem"],
-    "--api-ssl-ca": ["--api-ssl-ca", "ca.pem"],
-    "--api-ssl-request-cert": ["--api-ssl-request-cert"],
-    "--api-ssl-reject-unauthorized": ["--api-ssl-reject-unauthorized"],
-    "--client-ssl-key": ["--client-ssl-key", "k.pem"],
-    "--client-ssl-cert": ["--client-ssl-cert", "c.pem"],
-    "--client-ssl-ca": ["--client-ssl-ca", "ca.pem"],
-    "--client-ssl-request-cert": ["--client-ssl-request-cert"],
-    "--client-ssl-reject-unauthorized": ["--client-ssl-reject-unauthorized"],
-    "--insecure": ["--insecure"],
-    "--redirect-port": ["--redirect-port", "8080", "--ssl-key", "k", "--ssl-cert", "c"],
-    "--redirect-to": ["--redirect-to", "443"],
     "--metrics-ip": ["--metrics-ip", "127.0.0.1"],
     "--metrics-port": ["--metrics-port", "9100"],
     "--metrics-socket": ["--metrics-socket", "/tmp/m.sock"],
@@ -621,16 +599,10 @@ def test_not_yet_table_matches_the_cli() -> None:
 def test_not_supported_yet_unit(label: str) -> None:
     config = cfg(*NOT_YET_ARGV[label])
     check(config)
-    message = not_supported(config)
-    if label == "--redirect-port":  # the certificates it needs are refused first
-        assert message == "--ssl-key is not supported yet"
-    else:
-        assert message == f"{label} is not supported yet"
+    assert not_supported(config) == f"{label} is not supported yet"
 
 
-@pytest.mark.parametrize(
-    "label", ["--ssl-key", "--metrics-port", "--storage-backend other than memory"]
-)
+@pytest.mark.parametrize("label", ["--metrics-port", "--storage-backend other than memory"])
 def test_not_supported_yet_process(label: str) -> None:
     result = run(*NOT_YET_ARGV[label])
     assert (result.returncode, result.stderr) == (1, f"{label} is not supported yet\n")
@@ -655,10 +627,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 # fields used by cli.main itself, or only by a feature that is refused as a whole for now
 USED_BY_CLI = {"log_level", "log_format"}
-ONLY_WITH_REFUSED_OPTIONS = {
-    "ssl_key_passphrase": "ssl_key",
-    "api_ssl_key_passphrase": "api_ssl_key",
-}
+ONLY_WITH_REFUSED_OPTIONS: dict[str, str] = {}  # e.g. {"ssl_key_passphrase": "ssl_key"}
 
 
 def _non_default(field: str) -> Any:

@@ -16,8 +16,11 @@ from hubproxy.api import create_api_app
 from hubproxy.config import Config
 from hubproxy.listen import Bound, ListenError, bind_tcp, bind_unix, remove_unix_socket
 from hubproxy.proxy import ProxyService
+from hubproxy.redirect import start_redirect
 from hubproxy.routing import RouteTable
 from hubproxy.store import RouteStore, open_store
+from hubproxy.tls import CertificateWatcher, TLSContexts, TLSError, ineffective_options
+from hubproxy.tls import build as build_tls
 
 log = logging.getLogger("hubproxy")
 
@@ -38,21 +41,40 @@ def run(config: Config) -> int:
         return runner.run(serve(config))
 
 
-def _bind(config: Config) -> tuple[Bound, Bound]:
+def _bind(config: Config) -> tuple[Bound, Bound, Bound | None]:
     if config.socket:
         public = bind_unix(config.socket, "proxy")
     else:
         public = bind_tcp(config.ip, config.port, "proxy")
+    bound = [public]
     try:
         if config.api_socket:
             api = bind_unix(config.api_socket, "API")
         else:
             api = bind_tcp(config.api_ip, config.effective_api_port, "API")
+        bound.append(api)
+        redirect = None
+        if _wants_redirect(config):
+            assert config.redirect_port is not None
+            # all interfaces, whatever --ip says, as CHP (spec §3.13)
+            redirect = bind_tcp(None, config.redirect_port, "redirect")
     except ListenError:
-        public.sock.close()
-        remove_unix_socket(public)
+        for b in bound:
+            b.sock.close()
+            remove_unix_socket(b)
         raise
-    return public, api
+    return public, api, redirect
+
+
+def _wants_redirect(config: Config) -> bool:
+    """CHP's rule: the redirect listener needs TLS, a TCP public listener and a port not 80."""
+    if config.redirect_port is None:
+        return False
+    if config.socket or config.port == 80:
+        why = "--socket" if config.socket else "--port 80"
+        log.warning("No HTTP to HTTPS redirection with %s (as CHP): --redirect-port unused", why)
+        return False
+    return bool(config.ssl_key or config.ssl_cert)
 
 
 async def _add_default_route(store: RouteStore, target: str) -> None:
@@ -69,6 +91,16 @@ def _log_uncaught(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -
         log.error("Uncaught Exception: %s", exc or message, exc_info=exc)
     else:
         log.error("Uncaught Exception: %s", message)
+
+
+def _watch_certificates(tls: TLSContexts, proxy: ProxyService) -> CertificateWatcher | None:
+    """Hand the client context to the data plane, now and after each reload; watch the files."""
+    if tls.client is not None:
+        proxy.set_client_ssl(tls.client.current)
+        tls.client.on_reload = proxy.set_client_ssl
+    if not tls.sides:
+        return None  # without TLS, SIGHUP keeps its default meaning (terminate), as in CHP
+    return CertificateWatcher(tls.sides)
 
 
 async def serve(config: Config) -> int:
@@ -93,6 +125,14 @@ async def serve(config: Config) -> int:
     if not config.auth_token:
         log.warning("REST API is not authenticated.")
 
+    try:
+        tls = build_tls(config)  # a file that cannot be used stops the start with one line
+    except TLSError as e:
+        log.error("%s", e)
+        return 1
+    for option in ineffective_options(config):
+        log.debug("%s has no effect (as in CHP)", option)
+
     store = open_store(config.storage_backend)
     await store.start()
     table = RouteTable()
@@ -100,26 +140,44 @@ async def serve(config: Config) -> int:
     flusher = ActivityFlusher(table, store)
 
     try:
-        public, api = _bind(config)
+        public, api, redirect = _bind(config)
     except ListenError as e:
         log.error("%s", e)
         await store.close()
         return 1
 
     proxy = ProxyService(config, table)
+    watcher = _watch_certificates(tls, proxy)
     api_runner = web.AppRunner(create_api_app(config, store, flusher), handle_signals=False)
     public_server: asyncio.Server | None = None
+    redirect_runner: web.BaseRunner | None = None
     pid_written = False
     try:
         if config.default_target:
             await _add_default_route(store, config.default_target)
-        public_server = await loop.create_server(proxy.protocol_factory, sock=public.sock)
+        public_server = await loop.create_server(
+            proxy.protocol_factory,
+            sock=public.sock,
+            ssl=tls.public.listening if tls.public else None,
+        )
         await api_runner.setup()
-        await web.SockSite(api_runner, api.sock).start()
+        api_ssl = tls.api.listening if tls.api else None
+        await web.SockSite(api_runner, api.sock, ssl_context=api_ssl).start()
+        redirect_to = None
+        if redirect is not None:
+            redirect_to = config.redirect_to or public.port
+            assert redirect_to is not None
+            redirect_runner = await start_redirect(redirect.sock, redirect_to)
         flusher.start()
+        if watcher is not None:
+            watcher.start()
+            loop.add_signal_handler(signal.SIGHUP, watcher.reload_all)
 
-        log.info("Proxying %s to %s", public.url(), config.default_target or "(no default)")
-        log.info("Proxy API at %s/api/routes", api.url())
+        public_url = public.url("https" if tls.public else "http")
+        log.info("Proxying %s to %s", public_url, config.default_target or "(no default)")
+        log.info("Proxy API at %s/api/routes", api.url("https" if tls.api else "http"))
+        if redirect is not None:
+            log.info("Added HTTP to HTTPS redirection from %s to %s", redirect.port, redirect_to)
         if config.pid_file:
             try:
                 with open(config.pid_file, "w") as f:
@@ -136,11 +194,18 @@ async def serve(config: Config) -> int:
     finally:
         if public_server is not None:
             public_server.close()  # stop accepting; connections carry on while they drain
+        if watcher is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+            await watcher.stop()
         await proxy.drain(DRAIN_SECONDS)
         await api_runner.cleanup()
+        if redirect_runner is not None:
+            await redirect_runner.cleanup()
         await flusher.stop()
         await store.close()
-        for bound in (public, api):
+        for bound in (public, api, redirect):
+            if bound is None:
+                continue
             bound.sock.close()
             remove_unix_socket(bound)
         if pid_written:

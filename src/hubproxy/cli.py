@@ -41,32 +41,6 @@ log = logging.getLogger("hubproxy")
 # The options accepted but not implemented yet: (option as the message names it, "is it in use?").
 # Each later issue deletes the entries it implements.
 NOT_SUPPORTED_YET: tuple[tuple[str, Callable[[Config], bool]], ...] = (
-    # public TLS
-    ("--ssl-key", lambda c: c.ssl_key is not None),
-    ("--ssl-cert", lambda c: c.ssl_cert is not None),
-    ("--ssl-ca", lambda c: c.ssl_ca is not None),
-    ("--ssl-request-cert", lambda c: c.ssl_request_cert),
-    ("--ssl-reject-unauthorized", lambda c: c.ssl_reject_unauthorized is not None),
-    ("--ssl-protocol", lambda c: c.ssl_protocol is not None),
-    ("--ssl-ciphers", lambda c: c.ssl_ciphers is not None),
-    ("--ssl-allow-rc4", lambda c: c.ssl_allow_rc4),
-    ("--ssl-dhparam", lambda c: c.ssl_dhparam is not None),
-    # API TLS
-    ("--api-ssl-key", lambda c: c.api_ssl_key is not None),
-    ("--api-ssl-cert", lambda c: c.api_ssl_cert is not None),
-    ("--api-ssl-ca", lambda c: c.api_ssl_ca is not None),
-    ("--api-ssl-request-cert", lambda c: c.api_ssl_request_cert),
-    ("--api-ssl-reject-unauthorized", lambda c: c.api_ssl_reject_unauthorized is not None),
-    # TLS towards targets
-    ("--client-ssl-key", lambda c: c.client_ssl_key is not None),
-    ("--client-ssl-cert", lambda c: c.client_ssl_cert is not None),
-    ("--client-ssl-ca", lambda c: c.client_ssl_ca is not None),
-    ("--client-ssl-request-cert", lambda c: c.client_ssl_request_cert),
-    ("--client-ssl-reject-unauthorized", lambda c: c.client_ssl_reject_unauthorized),
-    ("--insecure", lambda c: c.insecure),
-    # HTTP -> HTTPS redirect listener
-    ("--redirect-port", lambda c: c.redirect_port is not None),
-    ("--redirect-to", lambda c: c.redirect_to is not None),
     # metrics listener
     ("--metrics-ip", lambda c: c.metrics_ip != ""),
     ("--metrics-port", lambda c: c.metrics_port is not None),

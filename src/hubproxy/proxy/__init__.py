@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -12,9 +13,10 @@ from hubproxy.config import Config
 from hubproxy.proxy.errors import ErrorPages
 from hubproxy.proxy.headers import ForwardRules
 from hubproxy.proxy.server import ClientConnection
-from hubproxy.proxy.target import TargetError, parse_target
+from hubproxy.proxy.target import parse_target
 from hubproxy.proxy.upstream import Pool
 from hubproxy.routing import Route, RouteTable, split_segments
+from hubproxy.tls import client_context
 
 log = logging.getLogger("hubproxy")
 
@@ -44,8 +46,10 @@ class ProxyService:
         self.host_routing = config.host_routing
         self.include_prefix = config.include_prefix
         self.prepend_path = config.prepend_path
-        self.proto = b"http"
-        self.ws_proto = b"ws"
+        public_tls = bool(config.ssl_key or config.ssl_cert)  # X-Forwarded-Proto
+        self.proto = b"https" if public_tls else b"http"
+        self.ws_proto = b"wss" if public_tls else b"ws"
+        self.client_ssl: ssl.SSLContext | None = None  # for https targets; see set_client_ssl
         self.auto_rewrite = config.auto_rewrite
         self.protocol_rewrite = (
             config.protocol_rewrite.encode() if config.protocol_rewrite else None
@@ -72,10 +76,22 @@ class ProxyService:
         pool = self._pools.get(target)
         if pool is None:
             parsed = parse_target(target)  # TargetError propagates: a 500 for this request
+            ssl_context = None
             if parsed.scheme == "https":
-                raise TargetError(f"https targets are not supported yet: {target}")
-            pool = self._pools[target] = Pool(parsed, None)
+                if self.client_ssl is None:  # no client TLS options: the system's CAs, built once
+                    self.client_ssl = client_context(self.config)
+                ssl_context = self.client_ssl
+            pool = self._pools[target] = Pool(parsed, ssl_context)
         return pool
+
+    def set_client_ssl(self, context: ssl.SSLContext) -> None:
+        """TLS towards https targets and the error target (at start, and after a reload): new
+        upstream connections use `context`; pooled ones carry on with theirs."""
+        self.client_ssl = context
+        self.errors.set_client_ssl(context)
+        for pool in self._pools.values():
+            if pool.ssl_context is not None:
+                pool.ssl_context = context
 
     def prefix_depth(self, route: Route) -> int:
         depth = len(split_segments(route.prefix))

@@ -89,7 +89,9 @@ class ErrorPages:
         log.debug("Requesting custom error page: %s", url)
         try:
             session = self._get_session()
-            async with session.get(yarl.URL(url, encoded=True), allow_redirects=False) as resp:
+            async with session.get(
+                yarl.URL(url, encoded=True), allow_redirects=False, ssl=self._client_ssl or True
+            ) as resp:
                 body = await resp.content.read(ERROR_PAGE_LIMIT + 1)
                 if len(body) > ERROR_PAGE_LIMIT:
                     raise ValueError("error page larger than 1 MiB")
@@ -102,6 +104,10 @@ class ErrorPages:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TargetError) as e:
             log.error("Failed to get custom error page: %s", e or type(e).__name__)
             return ErrorBody([], reason(code))
+
+    def set_client_ssl(self, context: ssl.SSLContext) -> None:
+        """The TLS context for an https error target (applies to the next request)."""
+        self._client_ssl = context
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
