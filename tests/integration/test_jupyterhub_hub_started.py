@@ -1,0 +1,136 @@
+"""JupyterHub starts hubproxy itself (the default mode, `ConfigurableHTTPProxy.should_start`).
+
+Once through `c.ConfigurableHTTPProxy.command = [python, '-m', 'hubproxy']`, once through
+JupyterHub's default command, `configurable-http-proxy`, found on PATH (hubproxy's script first,
+Node's CHP nowhere before it). Each run: log in through the proxy, start a user's server, reach
+it through the proxy (browser session with the OAuth dance, and a token), run `1+1` on a kernel
+over its WebSocket, watch the route appear in `GET /api/routes` with JupyterHub's data and
+disappear when the server stops, then stop the hub and check that the proxy process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from jhub import (
+    BIN_DIR,
+    PROXY_TOKEN,
+    Hub,
+    free_port,
+    kill_leftovers,
+    login,
+    path_without_node_chp,
+    pid_alive,
+    process_cmdline,
+    run_one_plus_one,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _routes(api_port: int) -> dict:
+    resp = requests.get(
+        f"http://127.0.0.1:{api_port}/api/routes",
+        headers={"Authorization": f"token {PROXY_TOKEN}"},
+        timeout=5,
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Content-Type"].startswith("application/json")
+    return resp.json()
+
+
+@pytest.mark.parametrize("how", ["python -m hubproxy", "configurable-http-proxy on PATH"])
+def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
+    workdir = jh_workdir / how.split()[0].replace("-", "_")
+    workdir.mkdir()
+    api_port = free_port()
+    if how == "python -m hubproxy":
+        hub = Hub(
+            workdir,
+            free_port(),
+            free_port(),
+            api_port,
+            proxy_command=[sys.executable, "-m", "hubproxy"],
+        )
+    else:
+        hub = Hub(
+            workdir, free_port(), free_port(), api_port, env={"PATH": path_without_node_chp()}
+        )
+    try:
+        hub.start()
+
+        # --- the proxy JupyterHub started is hubproxy -----------------------------------------
+        proxy_pid = hub.proxy_pid()
+        cmdline = process_cmdline(proxy_pid)
+        if how == "python -m hubproxy":
+            assert cmdline[1:3] == ["-m", "hubproxy"], cmdline
+        else:
+            assert str(BIN_DIR / "configurable-http-proxy") in cmdline, cmdline
+        assert "--error-target" in cmdline and "node" not in Path(cmdline[0]).name, cmdline
+
+        routes = _routes(api_port)
+        assert routes["/"]["hub"] is True and routes["/"]["jupyterhub"] is True, routes
+        assert routes["/"]["target"] == hub.hub_url, routes
+
+        # --- a user logs in through the proxy -------------------------------------------------
+        browser = login(hub.public_url, "alice")
+        resp = browser.get(hub.public_url + "/hub/home", timeout=10)
+        assert resp.status_code == 200 and "alice" in resp.text
+
+        # --- start the server; its route appears with JupyterHub's data -----------------------
+        server_path = hub.start_server("alice")
+        assert server_path == "/user/alice/"
+        route = wait_until(lambda: _routes(api_port).get("/user/alice"), 30, "alice's route")
+        assert route["user"] == "alice" and route["server_name"] == "", route
+        assert route["jupyterhub"] is True, route
+        assert route["target"].startswith("http://127.0.0.1:"), route
+        assert "last_activity" in route, route
+
+        # --- reach it through the proxy: the browser (OAuth through the proxy), then a token -
+        resp = browser.get(hub.public_url + "/user/alice/files/hello.txt", timeout=30)
+        assert resp.status_code == 200, (resp.status_code, resp.url, resp.text[:300])
+        assert resp.text == "hello alice\n"
+        assert any(r.status_code == 302 for r in resp.history), "expected the OAuth redirects"
+
+        token = hub.user_token("alice")
+        resp = requests.get(
+            hub.public_url + "/user/alice/api/status",
+            headers={"Authorization": f"token {token}"},
+            timeout=10,
+        )
+        assert resp.status_code == 200, resp.text
+
+        # --- a kernel over its WebSocket, through the proxy -----------------------------------
+        assert run_one_plus_one(hub.public_url, server_path, token) == "2"
+
+        # --- stop the server; its route disappears --------------------------------------------
+        hub.stop_server("alice")
+        wait_until(lambda: "/user/alice" not in _routes(api_port), 30, "alice's route to go")
+        resp = requests.get(
+            hub.public_url + "/user/alice/api/status",
+            headers={"Authorization": f"token {token}"},
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert resp.status_code != 200  # now answered by the hub (server not running)
+
+        # --- hub shutdown stops the proxy -----------------------------------------------------
+        assert pid_alive(proxy_pid)
+        assert hub.stop(signal.SIGTERM) == 0, hub.log()
+        wait_until(lambda: not pid_alive(proxy_pid), 15, "the proxy process to exit", 0.05)
+        assert not hub.proxy_pid_file.exists()
+    finally:
+        hub.stop(signal.SIGKILL)
+        if hub.proxy_pid_file.exists():  # the hub died before cleaning up: stop its proxy
+            pid = hub.proxy_pid()
+            cmd = " ".join(process_cmdline(pid))
+            if pid_alive(pid) and ("hubproxy" in cmd or "configurable-http-proxy" in cmd):
+                os.kill(pid, signal.SIGKILL)
+        kill_leftovers(workdir)
