@@ -18,7 +18,7 @@ def _is_singleuser(cmd: list[str] | str) -> bool:
     return "jupyterhub-singleuser" in text or "jupyterhub.singleuser" in text
 
 
-def pytest_configure(config):  # noqa: ARG001 - pytest hook signature
+def pytest_configure(config):
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return
     from jupyterhub.spawner import Spawner

@@ -266,7 +266,9 @@ class Hub:
             c.Spawner.cmd = [s["python"], "-m", "jupyterhub.singleuser"]
             c.Spawner.args = ["--allow-root"]  # the tests run as root
             # jupyter_server alone (JupyterLab, if installed, would start too and be slower)
-            c.Spawner.environment = {{"JUPYTERHUB_SINGLEUSER_APP": "jupyter_server.serverapp.ServerApp"}}
+            c.Spawner.environment = {{
+                "JUPYTERHUB_SINGLEUSER_APP": "jupyter_server.serverapp.ServerApp"
+            }}
             c.Spawner.start_timeout = 90
             c.Spawner.http_timeout = 90
             c.JupyterHub.services = [{{"name": "integration-admin", "api_token": s["admin_token"]}}]

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from jhub import (
     BIN_DIR,
     PROXY_TOKEN,
