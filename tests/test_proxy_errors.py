@@ -258,16 +258,7 @@ def test_error_target_down_falls_back_to_plain(proxies: ProxyCache, dead: str) -
     assert "Failed to get custom error page" in proxy.output()
 
 
-SYNC_ANSWER_CLOSES = pytest.mark.xfail(
-    reason="BUG: an answer given from on_headers_complete (error page, health check) closes the "
-    "connection despite `Connection: keep-alive`: request.complete is still False in _finish",
-    strict=True,
-)
-
-
-@pytest.mark.parametrize(
-    "pages", [pytest.param("built-in", marks=SYNC_ANSWER_CLOSES), "error-target"]
-)
+@pytest.mark.parametrize("pages", ["built-in", "error-target"])
 def test_error_answers_keep_the_connection(
     proxies: ProxyCache, error_server: ErrorServer, dead: str, pages: str
 ) -> None:
@@ -462,11 +453,6 @@ def test_timeout_leaves_an_idle_keep_alive_connection_alone(
 # -- an error while the client is still sending ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: the error is answered and the connection closed without reading the rest of "
-    "the request body; the client's upload fails (EPIPE/RST) and the 503 is lost",
-    strict=True,
-)
 def test_error_answered_while_client_uploads(proxies: ProxyCache, dead: str) -> None:
     """A large upload to a dead target gets its 503 (Node reads and discards the rest of the
     body; at the least a proxy must not reset a client it has answered)."""

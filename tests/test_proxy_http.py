@@ -379,11 +379,6 @@ def test_health_check(proxies: ProxyCache) -> None:
     assert (status, body) == (200, b"")
 
 
-@pytest.mark.xfail(
-    reason="BUG: the health check answer (given from on_headers_complete) closes the connection "
-    "despite `Connection: keep-alive`: request.complete is still False in _finish",
-    strict=True,
-)
 def test_health_check_keeps_the_connection(proxy: Proxy) -> None:
     with RawClient(proxy.host, proxy.port) as client:
         for _ in range(3):

@@ -102,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Request | None = None  # the request httptools is filling in
         self.active: Request | None = None  # the request being answered
         self.queue: collections.deque[Request] = collections.deque()
+        self.unfinished: Request | None = None  # answered, but its body is still arriving
         self.upstream: UpstreamConnection | None = None
         self.upstream_out: list[bytes] = []
         self.head_bytes = 0
@@ -324,6 +325,10 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         assert request is not None
         request.complete = True
+        if request is self.unfinished:
+            self.unfinished = None
+            self._next()
+            return
         if request.pending is None and request.body_kind == 2 and request is self.active:
             self.upstream_out.append(b"0\r\n\r\n")
 
@@ -455,9 +460,18 @@ class ClientConnection(asyncio.Protocol):
         if request is not self.active:
             return
         self.active = None
-        if not (request.keep_alive and request.complete) or self.service.draining:
+        if not request.keep_alive or self.service.draining:
             self.close()
             return
+        if not request.complete:
+            # answered before its body was read (an error, the health check, an early answer):
+            # read the rest and drop it, so the client can finish sending and read our answer
+            self.unfinished = request
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """The previous exchange is over: start the next pipelined request, or wait idle."""
         if self.queue:
             self.start(self.queue.popleft())
             if not self.queue:
