@@ -66,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         metavar="S",
-        help="before each run, wait up to S seconds for other processes to go quiet",
+        help="before each measured step, wait up to S seconds for other processes to go quiet",
+    )
+    parser.add_argument(
+        "--retry-noisy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure a step again (at most N times) when other processes disturbed it",
     )
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md/.png")
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help=argparse.SUPPRESS)
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     specs = [available[n] for n in names]
-    results = run_all(specs, mode, command.strip(), args.out, args.wait_quiet)
+    results = run_all(specs, mode, command.strip(), args.out, args.wait_quiet, args.retry_noisy)
     results["elapsed_s"] = time.perf_counter() - t0
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,22 @@ class Meter:
             noisy=noisy,
             bound=bound,
         )
+
+
+def quiet_check(seconds: float = 1.0) -> float:
+    """CPU (in cores) that other processes use while the bench sits still."""
+    a, t0 = procs.machine_cpu()["cpu"], time.perf_counter()
+    time.sleep(seconds)
+    b, t1 = procs.machine_cpu()["cpu"], time.perf_counter()
+    return (b.work - a.work) / (t1 - t0)
+
+
+def wait_quiet(limit: float) -> tuple[float, float]:
+    """Wait up to ``limit`` s until other processes use under NOISE_UTIL for a second.
+
+    Returns (their use in the last second, seconds waited)."""
+    start = time.perf_counter()
+    background = quiet_check()
+    while background > NOISE_UTIL and time.perf_counter() - start < limit:
+        background = quiet_check()
+    return background, time.perf_counter() - start

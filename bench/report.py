@@ -101,12 +101,14 @@ def fmt(v: float) -> str:
 
 
 def summarize(runs: list[dict[str, Any]], metric: Metric) -> Summary | None:
+    """Median over the runs whose step was quiet; over all runs (flagged noisy) if none was."""
     ok = [r for r in runs if metric.key in r["metrics"]]
     if not ok:
         return None
-    vals = [float(r["metrics"][metric.key]) for r in ok]
-    noisy = any(r["steps"].get(metric.step, {}).get("noisy") for r in ok) if metric.step else False
-    return Summary(statistics.median(vals), min(vals), max(vals), len(vals), bool(noisy))
+    clean = [r for r in ok if not (metric.step and r["steps"].get(metric.step, {}).get("noisy"))]
+    use = clean or ok
+    vals = [float(r["metrics"][metric.key]) for r in use]
+    return Summary(statistics.median(vals), min(vals), max(vals), len(vals), not clean)
 
 
 def cell(s: Summary | None) -> str:
@@ -159,7 +161,8 @@ def bottleneck_table(results: dict[str, Any]) -> str:
                 continue
 
             def med(key: str, got: list[dict[str, Any]] = got) -> str:
-                return f"{statistics.median(float(g[key]) for g in got):.0%}"
+                vals = [float(g[key]) for g in got if key in g]
+                return f"{statistics.median(vals):.0%}" if vals else "—"
 
             bound = Counter(g["bound"] for g in got).most_common(1)[0][0] or "neither"
             noisy = sum(1 for g in got if g["noisy"])
@@ -185,7 +188,8 @@ def failures(results: dict[str, Any]) -> list[str]:
 
 
 def console(results: dict[str, Any]) -> str:
-    parts = [table(results), "", "* = noisy: other processes used CPU during that step", ""]
+    parts = [table(results), "", "median of the runs whose step was quiet; * = noisy in all runs"]
+    parts += [""]
     parts += [bottleneck_table(results)]
     fails = failures(results)
     if fails:
@@ -215,8 +219,10 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "",
         table(results),
         "",
-        "`*` = noisy: processes the bench did not start used more than 10% of a core (or the "
-        "hypervisor stole time) during that step; rerun on a quiet machine before trusting it.",
+        "A figure is the median over the runs in which its step was quiet; `*` = noisy in every "
+        "run: processes the bench did not start used more than 10% of a core (or the hypervisor "
+        "stole time) during that step, so rerun on a quiet machine before trusting it (the "
+        "CPU-per-unit figures suffer least).",
         "",
         f"![benchmarks]({chart_name})",
         "",

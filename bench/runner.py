@@ -14,7 +14,7 @@ from typing import Any
 
 from bench import deps, procs
 from bench.config import CHP_BIN, REPO, Mode, ProxySpec
-from bench.meter import NOISE_UTIL
+from bench.meter import NOISE_UTIL, quiet_check
 from bench.steps import Bench, Run
 
 
@@ -62,14 +62,6 @@ def versions(specs: list[ProxySpec]) -> dict[str, str]:
     return out
 
 
-def quiet_check(seconds: float = 1.0) -> float:
-    """CPU (in cores) that other processes use while the bench sits still."""
-    a, t0 = procs.machine_cpu()["cpu"], time.perf_counter()
-    time.sleep(seconds)
-    b, t1 = procs.machine_cpu()["cpu"], time.perf_counter()
-    return (b.work - a.work) / (t1 - t0)
-
-
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 65536
@@ -77,18 +69,13 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def wait_quiet(limit: float) -> float:
-    """Wait up to ``limit`` s for other processes to use under NOISE_UTIL; return their use."""
-    deadline = time.perf_counter() + limit
-    background = quiet_check()
-    while background > NOISE_UTIL and time.perf_counter() < deadline:
-        print(f"(others use {background:.0%} of a core: waiting)", end=" ", flush=True)
-        background = quiet_check(2.0)
-    return background
-
-
 def run_all(
-    specs: list[ProxySpec], mode: Mode, command: str, out_dir: Path, quiet_wait: float = 0.0
+    specs: list[ProxySpec],
+    mode: Mode,
+    command: str,
+    out_dir: Path,
+    quiet_wait: float = 0.0,
+    retries: int = 0,
 ) -> dict[str, Any]:
     raise_fd_limit()
     cores = sorted(os.sched_getaffinity(0))
@@ -135,12 +122,9 @@ def run_all(
             for spec in specs:
                 t0 = time.perf_counter()
                 print(f"[run {i + 1}/{mode.runs}] {spec.name} ...", end=" ", flush=True)
-                background = wait_quiet(quiet_wait) if quiet_wait > 0 else None
-                run = Run(spec, bench, i + 1)
+                run = Run(spec, bench, i + 1, quiet_wait=quiet_wait, retries=retries)
                 run.execute()
-                results["proxies"][spec.name]["runs"].append(
-                    run.as_dict() | {"background_cpu_before": background}
-                )
+                results["proxies"][spec.name]["runs"].append(run.as_dict())
                 status = run.error.splitlines()[0] if run.error else "ok"
                 if run.errors:
                     status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"

@@ -25,9 +25,11 @@ from typing import Any, TypeVar
 
 from bench import api, procs, wrk, wsload
 from bench.config import Mode, ProxySpec
-from bench.meter import Meter, StepStats
+from bench.meter import Meter, StepStats, wait_quiet
 
 T = TypeVar("T")
+# steps that can be measured again on the same process (the others change its state for good)
+REPEATABLE = {"keepalive", "close", "big", "websocket", "api_get_all", "routes", "api_under_load"}
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Run:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     proxy: procs.Managed | None = None
     meter: Meter | None = None
+    quiet_wait: float = 0.0  # before each measured step, wait up to this long for quiet
+    retries: int = 0  # redo a repeatable step that came out noisy, at most this often
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -74,12 +78,20 @@ class Run:
         }
 
     # -- helpers ---------------------------------------------------------------------------
+    def settle(self) -> dict[str, float]:
+        """With --wait-quiet: wait for other processes to go quiet before a measured step."""
+        if self.quiet_wait <= 0:
+            return {}
+        background, waited = wait_quiet(self.quiet_wait)
+        return {"background_before": background, "waited_s": waited}
+
     def measured(self, name: str, work: Callable[[], T]) -> tuple[T, StepStats]:
         assert self.meter is not None
+        quiet = self.settle()
         before = self.meter.snap()
         result = work()
         stats = self.meter.stats(before, self.meter.snap())
-        self.steps[name] = stats.as_dict()
+        self.steps[name] = stats.as_dict() | quiet
         return result, stats
 
     def wrk_step(
@@ -128,7 +140,15 @@ class Run:
                     self.errors[name] = "proxy is not running:\n" + self.proxy.log_tail()
                     continue
                 try:
-                    step()
+                    tries = 1 + (self.retries if name in REPEATABLE else 0)
+                    attempts = 0
+                    while attempts < tries:
+                        attempts += 1
+                        step()
+                        if not self.steps.get(name, {}).get("noisy"):
+                            break
+                    if name in self.steps:
+                        self.steps[name]["attempts"] = attempts
                 except Exception as exc:
                     self.errors[name] = f"{type(exc).__name__}: {exc}"
                     with (self.bench.logs / "errors.log").open("a") as f:
@@ -245,10 +265,11 @@ class Run:
         clients = await wsload.open_sockets(self.port, mode.ws_sockets, counter, timeout=30)
         try:
             assert self.meter is not None
+            quiet = await asyncio.to_thread(self.settle)
             before = self.meter.snap()
             done, elapsed = await wsload.echo(clients, counter, mode.ws_duration)
             stats = self.meter.stats(before, self.meter.snap())
-            self.steps["websocket"] = stats.as_dict() | {"messages": done}
+            self.steps["websocket"] = stats.as_dict() | quiet | {"messages": done}
             if done == 0:
                 raise RuntimeError("no websocket echo came back")
             self.metrics |= {
