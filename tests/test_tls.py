@@ -8,6 +8,7 @@ certificate), in a thread of their own.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -320,6 +321,46 @@ async def test_wss_close_is_prompt(
     async with websockets.connect(url, ssl=pki.client_context(), close_timeout=2) as ws:
         assert await ws.recv() == "connected"
     assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="data plane: ClientConnection.eof_received returns True in a tunnel, which a TLS "
+    "transport ignores with the warning 'returning true from eof_received() has no effect when "
+    "using ssl'; it should return None when the transport cannot write_eof",
+)
+def test_tls_client_ending_a_tunnel_is_quiet(
+    pki: PKI, start_proxy: Callable[..., Proxy], start_backend: Callable[..., Backend]
+) -> None:
+    """A TLS client that ends a WebSocket with close_notify: the tunnel closes, nothing logged."""
+    app = ws_app()
+    backend = start_backend(app)
+    proxy = start_proxy(
+        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
+        "--default-target", backend.url,
+    )  # fmt: skip
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: example.org\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        seen = b""
+        while b"connected" not in seen:
+            chunk = tls.recv(4096)
+            assert chunk, seen
+            seen += chunk
+        assert seen.startswith(b"HTTP/1.1 101 ")
+        with contextlib.suppress(OSError):
+            tls.unwrap()  # close_notify, while the tunnel is open
+    deadline = time.monotonic() + 10
+    while not app["closed_by_client"].is_set():  # the proxy closed the upstream leg
+        assert time.monotonic() < deadline, "the tunnel to the target stayed open"
+        time.sleep(0.02)
+    proxy.add_route("/marker", backend.url)  # a log line after anything the close logged
+    proxy.wait_for_line(r"info: 201 POST /api/routes/marker")
+    assert " warn: " not in proxy.output()
 
 
 def test_public_request_cert(pki: PKI, start_proxy: Callable[..., Proxy], backend: Backend) -> None:
