@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,6 @@ import pytest
 
 _NEEDED = ("jupyterhub", "jupyter_server", "ipykernel", "requests", "websockets")
 _MISSING = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
-
-# name -> value, filled in by the tests, printed in the terminal summary
-MEASUREMENTS: dict[str, str] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,6 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    jhub = sys.modules.get("jhub")  # imported by the tests that ran, if any
+    MEASUREMENTS = getattr(jhub, "MEASUREMENTS", None)
     if MEASUREMENTS:
         terminalreporter.section("JupyterHub integration: measurements")
         for name, value in MEASUREMENTS.items():

@@ -33,6 +33,8 @@ PROXY_TOKEN = "integration-proxy-" + uuid.uuid4().hex
 ADMIN_TOKEN = "integration-admin-" + uuid.uuid4().hex
 BIN_DIR = Path(sys.executable).parent  # where pip put hubproxy's console scripts
 HUB_START_TIMEOUT = 60.0
+# name -> value: outage and delay measurements, printed in pytest's terminal summary
+MEASUREMENTS: dict[str, str] = {}
 SPAWN_TIMEOUT = 90.0
 
 
@@ -341,6 +343,8 @@ class Hub:
         """Start `name`'s default server and wait until the hub calls it ready; its URL path."""
         self.home(name).mkdir(parents=True, exist_ok=True)
         (self.home(name) / "hello.txt").write_text(f"hello {name}\n")
+        resp = self.api("POST", f"/users/{name}")
+        assert resp.status_code in (201, 409), (resp.status_code, resp.text)  # 409: exists
         resp = self.api("POST", f"/users/{name}/server")
         assert resp.status_code in (201, 202), (resp.status_code, resp.text, self.log())
 
