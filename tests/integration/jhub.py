@@ -331,7 +331,7 @@ class Hub:
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"token {ADMIN_TOKEN}", **kwargs.pop("headers", {})}
         return requests.request(
-            method, self.public_url + "/hub/api" + path, headers=headers, timeout=10, **kwargs
+            method, self.public_url + "/hub/api" + path, headers=headers, timeout=30, **kwargs
         )
 
     def user_model(self, name: str) -> dict[str, Any]:
@@ -381,7 +381,7 @@ class Hub:
 def login(public_url: str, name: str) -> requests.Session:
     """Log in through the proxy with the login form, as a browser does."""
     session = requests.Session()
-    resp = session.get(public_url + "/hub/login", timeout=10)
+    resp = session.get(public_url + "/hub/login", timeout=30)
     assert resp.status_code == 200, (resp.status_code, resp.text[:500])
     xsrf = session.cookies.get("_xsrf")
     assert xsrf, "the login page set no _xsrf cookie"
@@ -389,7 +389,7 @@ def login(public_url: str, name: str) -> requests.Session:
         public_url + "/hub/login",
         data={"username": name, "password": "any", "_xsrf": xsrf},
         allow_redirects=False,
-        timeout=10,
+        timeout=30,
     )
     assert resp.status_code == 302, (resp.status_code, resp.text[:500])
     assert any(c.name.startswith("jupyterhub-") for c in session.cookies), session.cookies
@@ -510,6 +510,22 @@ class Prober:
             f"{len(self.samples)} probes, {len(self.failures)} failed {details or ''}, "
             f"longest outage {self.unreachable_seconds():.3f}s"
         )
+
+
+def singleuser_pids(home: Path) -> list[int]:
+    """PIDs of single-user servers running in `home` (their working directory)."""
+    found = []
+    home_str = str(home.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == home_str and "jupyterhub.singleuser" in process_cmdline(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def kill_leftovers(root: Path) -> list[int]:

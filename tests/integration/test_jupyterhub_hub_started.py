@@ -4,8 +4,9 @@ Once through `c.ConfigurableHTTPProxy.command = [python, '-m', 'hubproxy']`, onc
 JupyterHub's default command, `configurable-http-proxy`, found on PATH (hubproxy's script first,
 Node's CHP nowhere before it). Each run: log in through the proxy, start a user's server, reach
 it through the proxy (browser session with the OAuth dance, and a token), run `1+1` on a kernel
-over its WebSocket, watch the route appear in `GET /api/routes` with JupyterHub's data and
-disappear when the server stops, then stop the hub and check that the proxy process is gone.
+over its WebSocket, watch the route appear in `GET /api/routes` with JupyterHub's data, kill the
+server and get the hub's "server appears to be down" page (hubproxy's `--error-target`), see the
+route disappear when the hub stops the server, then stop the hub: the proxy process is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jhub import (
     pid_alive,
     process_cmdline,
     run_one_plus_one,
+    singleuser_pids,
     wait_until,
 )
 
@@ -80,7 +82,7 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
 
         # --- a user logs in through the proxy -------------------------------------------------
         browser = login(hub.public_url, "alice")
-        resp = browser.get(hub.public_url + "/hub/home", timeout=10)
+        resp = browser.get(hub.public_url + "/hub/home", timeout=30)
         assert resp.status_code == 200 and "alice" in resp.text
 
         # --- start the server; its route appears with JupyterHub's data -----------------------
@@ -102,12 +104,27 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
         resp = requests.get(
             hub.public_url + "/user/alice/api/status",
             headers={"Authorization": f"token {token}"},
-            timeout=10,
+            timeout=30,
         )
         assert resp.status_code == 200, resp.text
 
         # --- a kernel over its WebSocket, through the proxy -----------------------------------
         assert run_one_plus_one(hub.public_url, server_path, token) == "2"
+
+        # --- the server dies: the proxy answers 503 with the hub's error page (--error-target)
+        pids = singleuser_pids(hub.home("alice"))
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pids[0]), 10, "alice's server to die", 0.05)
+        resp = requests.get(
+            hub.public_url + "/user/alice/api/status",
+            headers={"Authorization": f"token {token}"},
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert resp.status_code == 503, (resp.status_code, resp.text[:300])
+        assert resp.headers["Content-Type"].startswith("text/html"), resp.headers
+        assert "Your server appears to be down" in resp.text, resp.text[:1000]
 
         # --- stop the server; its route disappears --------------------------------------------
         hub.stop_server("alice")
@@ -116,7 +133,7 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
             hub.public_url + "/user/alice/api/status",
             headers={"Authorization": f"token {token}"},
             allow_redirects=False,
-            timeout=10,
+            timeout=30,
         )
         assert resp.status_code != 200  # now answered by the hub (server not running)
 
