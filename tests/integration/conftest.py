@@ -40,6 +40,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 )
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"jh_report_{report.when}", report)  # for fixtures that show logs on failure
+
+
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
     jhub = sys.modules.get("jhub")  # imported by the tests that ran, if any
     MEASUREMENTS = getattr(jhub, "MEASUREMENTS", None)

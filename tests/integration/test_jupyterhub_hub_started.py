@@ -142,6 +142,9 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
         assert hub.stop(signal.SIGTERM) == 0, hub.log()
         wait_until(lambda: not pid_alive(proxy_pid), 15, "the proxy process to exit", 0.05)
         assert not hub.proxy_pid_file.exists()
+    except BaseException:
+        print(hub.log())  # the hub's log, with the proxy's lines (shown with the failure)
+        raise
     finally:
         hub.stop(signal.SIGKILL)
         if hub.proxy_pid_file.exists():  # the hub died before cleaning up: stop its proxy

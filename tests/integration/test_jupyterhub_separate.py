@@ -87,10 +87,23 @@ def stack(jh_workdir: Path) -> Iterator[Stack]:
                 hub.stop_server("alice")
             except (AssertionError, requests.RequestException) as exc:
                 print(f"could not stop alice's server through the hub: {exc}")
+    except BaseException:
+        print(hub.log())
+        print(proxy.log())
+        raise
     finally:
         hub.stop()
         proxy.stop()
         kill_leftovers(jh_workdir)
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request: pytest.FixtureRequest, stack: Stack) -> Iterator[None]:
+    yield
+    report = getattr(request.node, "jh_report_call", None)
+    if report is not None and report.failed:
+        print(stack.hub.log())
+        print(stack.proxy.log())
 
 
 def test_routes_carry_jupyterhub_data(stack: Stack) -> None:
