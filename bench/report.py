@@ -73,6 +73,8 @@ METRICS = [
     _m("api_load_max_ms", "  max", "ms", "api_under_load"),
     _m("api_load_dp_rps", "  data plane meanwhile", "req/s", "api_under_load"),
     _m("startup_s", "start to listening", "s", ""),
+    _m("wrk_errors", "wrk socket errors, all steps", "", "", Target(A, "<=", 0)),
+    _m("wrk_non_2xx", "wrk non-2xx answers, all steps", "", "", Target(A, "<=", 0)),
 ]
 CHART = [
     "ka_rps", "ka_cpu_us", "ka_p99_ms", "close_rps", "big_mibps", "big_cpu_ms", "ws_msgps",

@@ -101,6 +101,8 @@ class Run:
         res, stats = self.measured(name, lambda: wrk.run(argv, self.mode.duration))
         self.steps[name]["requests"] = res.requests
         self.steps[name]["wrk_errors"] = res.socket_errors + res.non_2xx
+        self.metrics["wrk_errors"] = self.metrics.get("wrk_errors", 0) + res.socket_errors
+        self.metrics["wrk_non_2xx"] = self.metrics.get("wrk_non_2xx", 0) + res.non_2xx
         if res.requests == 0:
             raise RuntimeError(f"no request completed:\n{res.raw[-400:]}")
         return res, stats
