@@ -16,7 +16,7 @@ from bench.config import MODES, REPO, RESULTS, known_proxies, mode_for, parse_ex
 from bench.runner import run_all
 
 EPILOG = """modes:
-  (default)  full: 3 runs per proxy, 10 s per load step, 10,000 routes (about 3-4 min per proxy)
+  (default)  full: 3 runs per proxy, 10 s per load step, 10,000 routes (about 70 s a run)
   --quick    1 run, 3 s per step, 2,000 routes: under 2 minutes for two proxies
   --smoke    1 run, 1 s steps, tiny counts: proves the harness runs end to end (CI)
 
@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             write_docs(results, args.docs_dir)
         return 0
 
-    extra = {spec.name: spec for spec in map(parse_extra, args.proxy_cmd)}
+    try:
+        extra = {spec.name: spec for spec in map(parse_extra, args.proxy_cmd)}
+    except ValueError as exc:
+        parser.error(str(exc))
     available = known | extra
     names = [n.strip() for n in args.proxies.split(",") if n.strip()]
     names += [n for n in extra if n not in names]
