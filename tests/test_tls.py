@@ -8,6 +8,7 @@ certificate), in a thread of their own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -33,6 +34,8 @@ from conftest import TOKEN, Backend, Proxy, echo_app
 from hubproxy.config import Config
 from hubproxy.tls import (
     CHP_CIPHERS,
+    CertificateWatcher,
+    ReloadableTLS,
     TLSError,
     client_context,
     ineffective_options,
@@ -866,3 +869,47 @@ def test_ineffective_options_are_named() -> None:
         "--client-ssl-request-cert",
         "--client-ssl-reject-unauthorized",
     ]
+
+
+async def test_watcher_settles_and_does_not_retry_a_broken_file(tmp_path: Path) -> None:
+    """A change is loaded once the files look the same twice; a failure waits for a change."""
+    watched = tmp_path / "cert.pem"
+    watched.write_text("v1")
+    builds: list[str] = []
+
+    def build() -> ssl.SSLContext:
+        content = watched.read_text()
+        builds.append(content)
+        if content.startswith("broken"):
+            raise TLSError(f"cannot use {content}")
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+    side = ReloadableTLS("a test side", build, [str(watched)])
+    applied: list[ssl.SSLContext] = []
+    side.on_reload = applied.append
+    watcher = CertificateWatcher([side], interval=0.01)
+    watcher.start()
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    try:
+        replace_file(str(watched), b"v2")
+        await until(lambda: builds[-1] == "v2")
+        assert applied and side.current is applied[-1]
+        replace_file(str(watched), b"broken")
+        await until(lambda: builds[-1] == "broken")
+        await asyncio.sleep(0.2)  # many polls: the same broken file is not tried again
+        assert builds.count("broken") == 1 and side.current is applied[-1]
+        replace_file(str(watched), b"v3")
+        await until(lambda: builds[-1] == "v3")
+        assert len(applied) == 2
+        watcher.reload_all()  # SIGHUP: rebuilt even though nothing changed
+        await until(lambda: len(builds) == 5)
+        assert builds == ["v1", "v2", "broken", "v3", "v3"]
+    finally:
+        await watcher.stop()

@@ -33,8 +33,9 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hubproxy.config import Config
 
@@ -306,6 +307,10 @@ def server_context(config: Config, side: ServerSide) -> ssl.SSLContext:
                 f"--ssl-dhparam {config.ssl_dhparam}: not PEM Diffie-Hellman parameters "
                 f"({e.reason})"
             ) from None
+        except OSError as e:
+            raise TLSError(
+                f"--ssl-dhparam {config.ssl_dhparam}: cannot read the file: {e.strerror}"
+            ) from e
     return ctx
 
 
@@ -360,9 +365,12 @@ class ReloadableTLS:
         signature = self.look()
         try:
             ctx = await asyncio.to_thread(self._build)
-        except TLSError as e:
+        except Exception as e:  # TLSError, or anything unforeseen: the current context stays
             self.failed = signature
-            log.error("TLS reload for %s failed, keeping the current certificate: %s", self.what, e)
+            why = e if isinstance(e, TLSError) else f"{type(e).__name__}: {e}"
+            log.error(
+                "TLS reload for %s failed, keeping the current certificate: %s", self.what, why
+            )
             return False
         self.current = ctx
         self.signature = self.seen = signature
@@ -448,8 +456,8 @@ class CertificateWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
