@@ -304,11 +304,6 @@ async def test_wss_through_the_proxy(
     assert " warn: " not in proxy.output() and " error: " not in proxy.output()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data plane: a target's EOF is not passed on to a TLS client (no half-close in TLS); "
-    "ClientConnection.peer_eof must close the client transport when it cannot write_eof",
-)
 async def test_wss_close_is_prompt(
     pki: PKI, start_proxy: Callable[..., Proxy], start_backend: Callable[..., Backend]
 ) -> None:
@@ -326,12 +321,6 @@ async def test_wss_close_is_prompt(
     assert time.monotonic() - started < 1.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data plane: ClientConnection.eof_received returns True in a tunnel, which a TLS "
-    "transport ignores with the warning 'returning true from eof_received() has no effect when "
-    "using ssl'; it should return None when the transport cannot write_eof",
-)
 def test_tls_client_ending_a_tunnel_is_quiet(
     pki: PKI, start_proxy: Callable[..., Proxy], start_backend: Callable[..., Backend]
 ) -> None:

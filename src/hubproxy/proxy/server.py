@@ -151,7 +151,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel and self.upstream is not None:
             self.upstream.write_eof()
             self.eofs += 1
-            if self.eofs >= 2:
+            if self.eofs >= 2 or not self.transport.can_write_eof():  # TLS: no half-close
                 return None
             return True
         return None
@@ -586,7 +586,10 @@ class ClientConnection(asyncio.Protocol):
 
     def peer_eof(self) -> None:
         """The target finished sending: pass the half-close on."""
-        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+        if self.transport is not None and not self.closed and not self.transport.can_write_eof():
+            self.close()  # TLS has no half-close: close_notify ends both directions
+            return
+        if self.transport is not None and not self.closed:
             self.transport.write_eof()
         self.eofs += 1
         if self.eofs >= 2:

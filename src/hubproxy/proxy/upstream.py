@@ -37,6 +37,10 @@ _REWRITE_STATUSES = frozenset({201, 301, 302, 307, 308})
 def describe_error(exc: BaseException | None, target: Target) -> str:
     """A one-line error detail in CHP's style (`connect ECONNREFUSED 127.0.0.1:9199`)."""
     where = target.unix_path if target.unix_path is not None else f"{target.host}:{target.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):  # before OSError: its errno is 1 (EPERM)
+        return f"{exc.verify_message} {where}"  # "self-signed certificate 127.0.0.1:8443", as Node
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS {exc.reason or exc} {where}"
     if isinstance(exc, ConnectionRefusedError) or (
         isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
     ):
@@ -196,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.tunnel and self.client is not None:
             self.client.peer_eof()
-            return True
+            return True if self.pool.ssl_context is None else None  # TLS has no half-close
         return None
 
     # -- flow control ----------------------------------------------------------------------------
@@ -391,8 +395,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def write_eof(self) -> None:
-        if self.transport is not None and not self.closed and self.transport.can_write_eof():
-            self.transport.write_eof()
+        if self.transport is not None and not self.closed:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.close()  # TLS has no half-close
 
 
 def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
