@@ -33,6 +33,15 @@ _PROXYING = re.compile(r"info: Proxying (\S+) to ")
 _API_AT = re.compile(r"info: Proxy API at (\S+)/api/routes")
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the test run dies, so no proxy outlives a killed pytest."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ProxyProcess:
     """A hubproxy subprocess; its stdout is collected line by line in a thread."""
 
@@ -43,6 +52,7 @@ class ProxyProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hubproxy", *args],
             umask=umask,
+            preexec_fn=_die_with_parent,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
