@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import TOKEN, Proxy
+from support import TOKEN, Proxy
 
 
 def start(*args: str, token: str | None = TOKEN, env: dict[str, str] | None = None) -> Proxy:

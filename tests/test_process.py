@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Backend, Proxy, ProxyProcess, http_request
+from support import Backend, Proxy, ProxyProcess, http_request
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[ConfigProxy\] (error|warn|info|debug): (.*)$"

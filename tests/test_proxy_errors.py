@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from conftest import Backend, Proxy
 from procs import ProxyCache
 from rawhttp import RawClient, RawServer, chunked, dead_port, read_request_head
+from support import Backend, Proxy
 
 # -- shared pieces --------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -18,9 +19,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from conftest import Backend, Proxy
 from procs import ProxyCache
-from rawhttp import RawClient, chunked, dead_port
+from rawhttp import RawClient, RawServer, chunked, dead_port, read_request_head
+from support import Backend, Proxy
 
 MiB = 1 << 20
 
@@ -468,6 +469,39 @@ def test_upstream_status_passes_through(proxy: Proxy) -> None:
         status, _, body = proxy.request("GET", f"/status/{code}")
         assert status == code
         assert body == (b"" if code == 204 else b"status")
+
+
+def _answer_early(delay: float) -> Any:
+    def early(conn: socket.socket) -> None:
+        read_request_head(conn)
+        threading.Event().wait(delay)
+        conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nforbidden")
+        threading.Event().wait(10)  # never reads the body; holds the connection a while
+
+    return early
+
+
+@pytest.mark.parametrize("size", [10, 1 << 20])
+def test_early_answer_during_upload(proxies: ProxyCache, size: int) -> None:
+    """A target that answers (403) without reading the upload: the client, which sends its
+    whole body before reading (as http.client does), still gets the answer."""
+    proxy = proxies.get()
+    with RawServer(_answer_early(0)) as upstream:
+        proxy.add_route("/early", upstream.url)
+        status, _, body = proxy.request("POST", "/early/x", body=b"x" * size, timeout=30)
+    assert (status, body) == (403, b"forbidden")
+
+
+def test_early_answer_during_large_upload(proxies: ProxyCache) -> None:
+    """As above, with an upload larger than the buffers between client and target, and the
+    answer sent once they are full (the wait only lets them fill; nothing is timed)."""
+    proxy = proxies.get()
+    with RawServer(_answer_early(0.5)) as upstream:
+        proxy.add_route("/early-large", upstream.url)
+        status, _, body = proxy.request(
+            "POST", "/early-large/x", body=b"x" * (32 << 20), timeout=30
+        )
+    assert (status, body) == (403, b"forbidden")
 
 
 def test_head_request(proxy: Proxy) -> None:

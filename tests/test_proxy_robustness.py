@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from conftest import Backend, Proxy
 from procs import ProxyCache
 from rawhttp import RawClient, RawServer, dead_port, read_request_head
+from support import Backend, Proxy
 
 # -- a backend that tells what reached it ---------------------------------------------------------
 

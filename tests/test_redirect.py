@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import Backend, Proxy, http_request
 from hubproxy.redirect import NO_HOST, host_without_port, location
 from rawhttp import RawClient
+from support import Backend, Proxy, http_request
 from test_tls import PKI, https, run_to_exit
 
 _ADDED = r"info: Added HTTP to HTTPS redirection from (\d+) to (\d+)"

@@ -30,7 +30,6 @@ import trustme
 import websockets
 from aiohttp import web
 
-from conftest import TOKEN, Backend, Proxy, echo_app
 from hubproxy.config import Config
 from hubproxy.tls import (
     CHP_CIPHERS,
@@ -43,6 +42,7 @@ from hubproxy.tls import (
     public_side,
     server_context,
 )
+from support import TOKEN, Backend, Proxy, echo_app
 from test_websocket import ws_app
 
 # RFC 7919 ffdhe2048, as `openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048` writes

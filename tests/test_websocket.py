@@ -15,7 +15,7 @@ import pytest
 import websockets
 from aiohttp import web
 
-from conftest import Backend, Proxy
+from support import Backend, Proxy
 
 MAX = 32 * 1024 * 1024
 

@@ -450,11 +450,16 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, request: Request, status: int) -> None:
         """The upstream's answer to `request` has been written in full."""
-        self.upstream = None
+        self._detach_upstream()
         route = request.route
         if route is not None and status < 300:
             self.service.table.mark_active(route)
         self._finish(request)
+
+    def _detach_upstream(self) -> None:
+        """The upstream is done with us: whatever it made us pause for no longer holds."""
+        self.upstream = None
+        self._resume(_UPSTREAM_FULL)
 
     def _finish(self, request: Request) -> None:
         if request is not self.active:
@@ -499,7 +504,7 @@ class ClientConnection(asyncio.Protocol):
         detail: str | None = None,
     ) -> None:
         """The upstream failed before its response began."""
-        self.upstream = None
+        self._detach_upstream()
         if request is not self.active or self.closed:
             return
         route = request.route
