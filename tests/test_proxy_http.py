@@ -852,3 +852,101 @@ def test_no_activity_after_503_but_body_chunks_count(proxies: ProxyCache) -> Non
             assert client.response().status == 503
         assert activity(proxy, "/dead") > before
         proxy.api("DELETE", "/dead")
+
+
+# -- more keep-alive and framing ------------------------------------------------------------------
+
+
+def test_pipelined_mix_of_answers(proxies: ProxyCache, app_backend: Backend) -> None:
+    """Proxied answers, error pages and the health check come back in request order."""
+    proxy = proxies.get()
+    proxy.add_route("/p", app_backend.url)
+    paths = ["/p/1", "/nope", "/p/slow?ms=100", "/_chp_healthz", "/%", "/p/3", "/nope/2", "/p/4"]
+    statuses = [200, 404, 200, 200, 500, 200, 404, 200]
+    with RawClient(proxy.host, proxy.port) as client:
+        client.send(b"".join(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in paths))
+        answers = [client.response() for _ in paths]
+    assert [a.status for a in answers] == statuses
+    for path, answer in zip(paths, answers, strict=True):
+        if answer.status == 200 and path.startswith("/p/"):
+            assert json.loads(answer.body)["url"] == path
+
+
+def test_client_connection_close(proxy: Proxy) -> None:
+    with RawClient(proxy.host, proxy.port) as client:
+        client.request("GET", "/", headers=[("Connection", "close")])
+        resp = client.response()
+        assert resp.status == 200
+        assert (resp.header("Connection") or "").lower() == "close"
+        assert client.closed_by_peer()
+
+
+def test_http10_keep_alive(proxy: Proxy) -> None:
+    """An HTTP/1.0 client asking for keep-alive gets it (for a response with a length)."""
+    with RawClient(proxy.host, proxy.port) as client:
+        for _ in range(2):
+            client.request("GET", "/", headers=[("Connection", "keep-alive")], version="HTTP/1.0")
+            resp = client.response()
+            assert resp.status == 200
+            assert (resp.header("Connection") or "").lower() == "keep-alive"
+            assert json.loads(resp.body)["url"] == "/"
+
+
+def test_not_modified_with_content_length(proxies: ProxyCache) -> None:
+    """A 304 (and a 204) may carry a Content-Length but never a body: nobody waits for one,
+    and both connections serve on."""
+
+    def answers(conn: socket.socket) -> None:
+        for response in (
+            b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\nContent-Length: 100\r\n\r\n',
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ):
+            if not read_request_head(conn):
+                return
+            conn.sendall(response)
+        threading.Event().wait(10)
+
+    proxy = proxies.get()
+    with RawServer(answers) as upstream:
+        proxy.add_route("/cond", upstream.url)
+        with RawClient(proxy.host, proxy.port) as client:
+            client.request("GET", "/cond/a", headers=[("If-None-Match", '"x"')])
+            resp = client.response()
+            assert (resp.status, resp.body) == (304, b"")
+            assert resp.header("ETag") == '"x"'
+            client.request("GET", "/cond/b")
+            assert client.response().status == 204
+            client.request("GET", "/cond/c")
+            resp = client.response()
+            assert (resp.status, resp.body) == (200, b"ok")
+        assert upstream.accepted.acquire(timeout=0)  # all three on one upstream connection
+        assert not upstream.accepted.acquire(timeout=0)
+
+
+def test_target_closing_pooled_connections(proxies: ProxyCache) -> None:
+    """A target that closes each connection right after its answer (without saying so): a
+    pooled connection may be dead when it is taken, and a bodiless request is then retried on
+    a fresh one instead of failing."""
+
+    def one_answer(conn: socket.socket) -> None:
+        if read_request_head(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        conn.close()
+
+    proxy = proxies.get()
+    with RawServer(one_answer) as upstream:
+        proxy.add_route("/closer", upstream.url)
+        with RawClient(proxy.host, proxy.port) as client:
+            for i in range(50):
+                client.request("GET", f"/closer/{i}")
+                resp = client.response()
+                assert (resp.status, resp.body) == (200, b"ok"), i
+
+
+def test_keep_alive_timeout_zero_means_default(proxies: ProxyCache, app_backend: Backend) -> None:
+    """`--keep-alive-timeout 0` becomes 5000 ms, as in CHP (§1.2)."""
+    proxy = proxies.get("--default-target", app_backend.url, "--keep-alive-timeout", "0")
+    status, headers, _ = proxy.request("GET", "/")
+    assert status == 200
+    assert headers["Keep-Alive"] == "timeout=5"
