@@ -5,6 +5,7 @@ timeouts (`--proxy-timeout` -> 503, `--timeout` -> dropped without an answer).""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -412,6 +413,28 @@ def test_upstream_garbage_is_503(proxies: ProxyCache) -> None:
     assert status == 503
 
 
+def test_upstream_length_and_chunked_is_503(proxies: ProxyCache) -> None:
+    """An upstream response framed both ways cannot be relayed safely (the client would be
+    told one length and given another): refused like any malformed response."""
+
+    def both(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"10\r\n0123456789abcdef\r\n0\r\n\r\n"
+        )
+        conn.recv(1)
+
+    proxy = proxies.get()
+    with RawServer(both) as upstream:
+        proxy.add_route("/both", upstream.url)
+        with RawClient(proxy.host, proxy.port) as client:
+            client.request("GET", "/both/x")
+            assert client.response().status == 503
+            client.request("GET", "/_chp_healthz")
+            assert client.response().status == 200
+
+
 # -- timeouts -------------------------------------------------------------------------------------
 
 
@@ -434,6 +457,43 @@ def test_timeout_drops_a_stalled_client(proxies: ProxyCache, echo: Backend) -> N
         client.request("POST", "/upload", headers=[("Content-Length", "100")], body=b"0123456789")
         assert client.closed_by_peer()
     assert get(proxy, "/after")[0] == 200
+
+
+def test_timeout_drops_a_client_waiting_on_a_slow_target(proxies: ProxyCache) -> None:
+    """CHP's `--timeout` is an inactivity timeout on the client's socket: a target that is
+    silent for longer gets the client dropped without an answer (observed in CHP)."""
+
+    def slow(conn: socket.socket) -> None:
+        read_request_head(conn)
+        threading.Event().wait(3)
+        with contextlib.suppress(OSError):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    proxy = proxies.get("--timeout", "500", tag="slow-target")
+    with RawServer(slow) as upstream:
+        proxy.add_route("/slow", upstream.url)
+        with RawClient(proxy.host, proxy.port, timeout=30) as client:
+            client.request("GET", "/slow/x")
+            assert client.closed_by_peer()
+
+
+def test_timeout_spares_a_steady_stream(proxies: ProxyCache) -> None:
+    """Data flowing to the client counts as activity: a response streamed with pauses far
+    shorter than `--timeout` is delivered whole, however long it takes in all."""
+
+    def steady(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+        for _ in range(12):
+            threading.Event().wait(0.1)
+            conn.sendall(b"s")
+        conn.recv(1)
+
+    proxy = proxies.get("--timeout", "1000", tag="steady")
+    with RawServer(steady) as upstream:
+        proxy.add_route("/steady", upstream.url)
+        status, _, body = get(proxy, "/steady/x", timeout=30)
+    assert (status, body) == (200, b"s" * 12)
 
 
 def test_timeout_leaves_an_idle_keep_alive_connection_alone(
