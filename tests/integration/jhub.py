@@ -211,6 +211,7 @@ class Hub:
     proxy_command: list[str] | None = None  # None: JupyterHub's default, from PATH
     env: dict[str, str] = field(default_factory=dict)
     last_activity_interval: int = 2
+    internal_ssl: bool = False
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -221,7 +222,35 @@ class Hub:
     @property
     def hub_url(self) -> str:
         """The hub's own listener (what the proxy's default target and error target point at)."""
-        return f"http://127.0.0.1:{self.hub_port}"
+        scheme = "https" if self.internal_ssl else "http"
+        return f"{scheme}://127.0.0.1:{self.hub_port}"
+
+    @property
+    def proxy_api_url(self) -> str:
+        scheme = "https" if self.internal_ssl else "http"
+        return f"{scheme}://127.0.0.1:{self.proxy_api_port}"
+
+    @property
+    def certs_dir(self) -> Path:
+        """JupyterHub's `internal_certs_location` (with `internal_ssl`)."""
+        return self.workdir / "internal-ssl"
+
+    def proxy_routes(self) -> dict[str, Any]:
+        """`GET /api/routes` on the proxy's API, as the hub calls it (its certificate if TLS)."""
+        kwargs: dict[str, Any] = {}
+        if self.internal_ssl:
+            hub_pair = self.certs_dir / "hub-internal" / "hub-internal"
+            kwargs["cert"] = (f"{hub_pair}.crt", f"{hub_pair}.key")
+            kwargs["verify"] = str(self.certs_dir / "hub-ca_trust.crt")
+        resp = requests.get(
+            self.proxy_api_url + "/api/routes",
+            headers={"Authorization": f"token {PROXY_TOKEN}"},
+            timeout=10,
+            **kwargs,
+        )
+        assert resp.status_code == 200, (resp.status_code, resp.text)
+        assert resp.headers["Content-Type"].startswith("application/json"), resp.headers
+        return resp.json()
 
     @property
     def log_path(self) -> Path:
@@ -242,7 +271,9 @@ class Hub:
             "cookie_secret": str(self.workdir / "jupyterhub_cookie_secret"),
             "home": str(self.workdir / "home" / "{username}"),
             "python": sys.executable,
-            "proxy_api": f"http://127.0.0.1:{self.proxy_api_port}",
+            "proxy_api": self.proxy_api_url,
+            "internal_ssl": self.internal_ssl,
+            "certs": str(self.certs_dir),
             "proxy_token": PROXY_TOKEN,
             "admin_token": ADMIN_TOKEN,
             "should_start": self.should_start_proxy,
@@ -282,6 +313,9 @@ class Hub:
                 c.ConfigurableHTTPProxy.command = s["command"]
             if not s["should_start"]:
                 c.JupyterHub.cleanup_servers = False
+            if s["internal_ssl"]:
+                c.JupyterHub.internal_ssl = True
+                c.JupyterHub.internal_certs_location = s["certs"]
             """
         ).format(settings=json.dumps(settings))
         path = self.workdir / "jupyterhub_config.py"

@@ -20,7 +20,6 @@ import pytest
 import requests
 from jhub import (
     BIN_DIR,
-    PROXY_TOKEN,
     Hub,
     free_port,
     kill_leftovers,
@@ -36,33 +35,26 @@ from jhub import (
 pytestmark = pytest.mark.timeout(300)
 
 
-def _routes(api_port: int) -> dict:
-    resp = requests.get(
-        f"http://127.0.0.1:{api_port}/api/routes",
-        headers={"Authorization": f"token {PROXY_TOKEN}"},
-        timeout=5,
-    )
-    assert resp.status_code == 200, resp.text
-    assert resp.headers["Content-Type"].startswith("application/json")
-    return resp.json()
-
-
-@pytest.mark.parametrize("how", ["python -m hubproxy", "configurable-http-proxy on PATH"])
+@pytest.mark.parametrize(
+    "how", ["python -m hubproxy", "configurable-http-proxy on PATH", "internal_ssl"]
+)
 def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
     workdir = jh_workdir / how.split()[0].replace("-", "_")
     workdir.mkdir()
-    api_port = free_port()
-    if how == "python -m hubproxy":
+    if how == "configurable-http-proxy on PATH":
+        hub = Hub(
+            workdir, free_port(), free_port(), free_port(), env={"PATH": path_without_node_chp()}
+        )
+    else:
+        # internal_ssl: the proxy's API over TLS with client certificates, and https (with the
+        # proxy's client certificate) to the single-user servers and to the hub's error pages
         hub = Hub(
             workdir,
             free_port(),
             free_port(),
-            api_port,
+            free_port(),
             proxy_command=[sys.executable, "-m", "hubproxy"],
-        )
-    else:
-        hub = Hub(
-            workdir, free_port(), free_port(), api_port, env={"PATH": path_without_node_chp()}
+            internal_ssl=how == "internal_ssl",
         )
     try:
         hub.start()
@@ -70,13 +62,14 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
         # --- the proxy JupyterHub started is hubproxy -----------------------------------------
         proxy_pid = hub.proxy_pid()
         cmdline = process_cmdline(proxy_pid)
-        if how == "python -m hubproxy":
-            assert cmdline[1:3] == ["-m", "hubproxy"], cmdline
-        else:
+        if how == "configurable-http-proxy on PATH":
             assert str(BIN_DIR / "configurable-http-proxy") in cmdline, cmdline
+        else:
+            assert cmdline[1:3] == ["-m", "hubproxy"], cmdline
         assert "--error-target" in cmdline and "node" not in Path(cmdline[0]).name, cmdline
+        assert ("--api-ssl-key" in cmdline) == hub.internal_ssl, cmdline
 
-        routes = _routes(api_port)
+        routes = hub.proxy_routes()
         assert routes["/"]["hub"] is True and routes["/"]["jupyterhub"] is True, routes
         assert routes["/"]["target"] == hub.hub_url, routes
 
@@ -88,10 +81,11 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
         # --- start the server; its route appears with JupyterHub's data -----------------------
         server_path = hub.start_server("alice")
         assert server_path == "/user/alice/"
-        route = wait_until(lambda: _routes(api_port).get("/user/alice"), 30, "alice's route")
+        route = wait_until(lambda: hub.proxy_routes().get("/user/alice"), 30, "alice's route")
         assert route["user"] == "alice" and route["server_name"] == "", route
         assert route["jupyterhub"] is True, route
-        assert route["target"].startswith("http://127.0.0.1:"), route
+        scheme = "https" if hub.internal_ssl else "http"
+        assert route["target"].startswith(f"{scheme}://127.0.0.1:"), route
         assert "last_activity" in route, route
 
         # --- reach it through the proxy: the browser (OAuth through the proxy), then a token -
@@ -128,7 +122,7 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
 
         # --- stop the server; its route disappears --------------------------------------------
         hub.stop_server("alice")
-        wait_until(lambda: "/user/alice" not in _routes(api_port), 30, "alice's route to go")
+        wait_until(lambda: "/user/alice" not in hub.proxy_routes(), 30, "alice's route to go")
         resp = requests.get(
             hub.public_url + "/user/alice/api/status",
             headers={"Authorization": f"token {token}"},
