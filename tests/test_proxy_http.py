@@ -686,11 +686,6 @@ def test_streaming_download_memory_is_bounded(proxies: ProxyCache, app_backend: 
     assert peak - baseline < 60 * 1024, f"RSS grew by {(peak - baseline) // 1024} MiB"
 
 
-@pytest.mark.xfail(
-    reason="BUG: an upstream connection paused for a slow client goes back to the pool still "
-    "paused, and the next request on it never gets its response",
-    strict=True,
-)
 def test_slow_reader_leaves_pool_usable(proxies: ProxyCache, app_backend: Backend) -> None:
     """A client that reads slowly keeps the proxy's write buffer full, so reading from the
     upstream is paused and resumed over and over, also when the response's last bytes arrive.

@@ -38,7 +38,7 @@ _SPECIAL_REQUEST = {
     b"trailer": _DROP,
 }
 
-NO_BODY, LENGTH_BODY, CHUNKED_BODY = 0, 1, 2
+NO_BODY, LENGTH_BODY, CHUNKED_BODY, BAD_FRAMING = 0, 1, 2, 3
 
 
 class ForwardRules:
@@ -69,7 +69,7 @@ class ForwardRules:
 
 class RequestHead(NamedTuple):
     head: bytes
-    body: int  # NO_BODY, LENGTH_BODY or CHUNKED_BODY
+    body: int  # NO_BODY, LENGTH_BODY, CHUNKED_BODY or BAD_FRAMING
     host: bytes | None  # the client's Host header
 
 
@@ -109,7 +109,9 @@ def build_request_head(
             body = LENGTH_BODY
             out += (name, b": ", value, b"\r\n")
         elif kind == _CHUNKED:
-            body = CHUNKED_BODY  # the parser has refused every other coding
+            # llhttp refuses other codings only after the head is parsed, so check here: we
+            # frame bodies ourselves and understand nothing but `chunked` (RFC 9112 §6.1: 400)
+            body = CHUNKED_BODY if value.strip().lower() == b"chunked" else BAD_FRAMING
         elif kind == _CONNECTION:
             connection_options += (o.strip().lower() for o in value.split(b","))
         elif kind == _XFF:

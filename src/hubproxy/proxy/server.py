@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from hubproxy.proxy.errors import ErrorBody, reason
-from hubproxy.proxy.headers import build_request_head
+from hubproxy.proxy.headers import BAD_FRAMING, build_request_head
 from hubproxy.proxy.paths import (
     BadPath,
     decode_path,
@@ -394,6 +394,10 @@ class ClientConnection(asyncio.Protocol):
             service.ws_proto if request.websocket else service.proto,
             websocket=request.websocket,
         )
+        if head.body == BAD_FRAMING:
+            self.active = None
+            self._bad_request(400, None)
+            return
         request.host = head.host
         request.body_kind = head.body
         if service.debug:

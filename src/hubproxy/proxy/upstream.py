@@ -99,6 +99,9 @@ class Pool:
             conn.close()
             return
         conn.idle_since = time.monotonic()
+        # a slow client may have paused its reading; idle, it must notice the target closing
+        if conn.transport is not None:
+            conn.transport.resume_reading()
         self.idle.append(conn)
 
     def lost(self, conn: UpstreamConnection) -> None:
