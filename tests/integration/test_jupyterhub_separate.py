@@ -5,7 +5,8 @@ One stack per module: hubproxy (`--default-target` and `--error-target` at the h
 `last_activity_interval`, and alice's running server. The tests run in file order and each
 leaves the stack healthy (hub up, proxy up, alice's server reachable):
 
-1. routes: the hub's routes carry JupyterHub's data; the proxy's own default route is not the hub's;
+1. routes: the hub's routes carry JupyterHub's data, the hub's `/` replaced `--default-target`'s;
+   a 7 MiB upload to jupyter_server's contents API and its download, through the proxy;
 2. activity: traffic through the proxy advances alice's `last_activity` in the hub;
 3. hub restart (SIGTERM, then SIGKILL): alice's server stays reachable through the proxy (probed
    every 50 ms), `/hub/` answers an error at once while the hub is down, and the restarted hub
@@ -117,6 +118,21 @@ def test_routes_carry_jupyterhub_data(stack: Stack) -> None:
     resp = stack.alice()
     assert resp.status_code == 200, (resp.status_code, resp.text)
     assert run_one_plus_one(stack.proxy.public_url, stack.server_path, stack.token) == "2"
+
+
+def test_large_upload_and_download(stack: Stack) -> None:
+    """A file of several MiB through the proxy to jupyter_server's contents API and back."""
+    content = "".join(f"{i:08d} hubproxy\n" for i in range(400_000))  # 7.2 MiB of text
+    resp = requests.put(
+        stack.proxy.public_url + stack.server_path + "api/contents/big.txt",
+        json={"type": "file", "format": "text", "content": content},
+        headers={"Authorization": f"token {stack.token}"},
+        timeout=60,
+    )
+    assert resp.status_code in (200, 201), (resp.status_code, resp.text[:300])
+    resp = stack.alice("files/big.txt", timeout=60)
+    assert resp.status_code == 200, (resp.status_code, resp.text[:300])
+    assert resp.text == content
 
 
 def test_activity_through_proxy_reaches_hub(stack: Stack) -> None:
