@@ -10,14 +10,17 @@
 #   scripts/jupyterhub-suite.sh test_api test_pages          # some modules
 #   scripts/jupyterhub-suite.sh test_proxy -- -k external    # extra pytest arguments after --
 #   scripts/jupyterhub-suite.sh --node test_proxy            # the same against Node CHP
+#   scripts/jupyterhub-suite.sh --subdomain test_proxy       # with subdomains (--host-routing)
 #
 # Environment: CHP_REF (default /work/chp-ref/node_modules/.bin) is where --node finds Node CHP;
 # JHSUITE_TIMEOUT (default 60) is pytest-timeout's per-test limit (one token-page test waits
 # forever when it fails); JHSUITE_JUNIT=<file> writes a JUnit XML report.
 #
 # Needs: pip install -e '.[jupyterhub]' (jupyterhub[test], jupyter_server, ipykernel).
-# Offline, the subdomain tests skip (they need *.localhost.jovyan.org in public DNS), and the
-# browser tests are deselected (they need playwright's browsers).
+# The subdomain tests need *.localhost.jovyan.org -> 127.0.0.1 from public DNS and skip without
+# JUPYTERHUB_TEST_SUBDOMAIN_HOST; --subdomain sets it (on a free port) and resolves those names to
+# 127.0.0.1 inside the test process (jupyterhub_suite/jhsuite_dns.py), so they run offline. The
+# browser tests are deselected (they need Playwright's own Firefox build, not on the registries).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,12 +28,14 @@ python="${PYTHON:-python}"
 proxy="hubproxy"
 modules=()
 extra=()
+subdomain=0
 while (($#)); do
     case "$1" in
         --node) proxy="node"; shift ;;
         --all) modules=(ALL); shift ;;
+        --subdomain) subdomain=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) modules+=("$1"); shift ;;
     esac
 done
@@ -75,6 +80,12 @@ for m in "${modules[@]}"; do
 done
 junit=()
 [[ -n ${JHSUITE_JUNIT:-} ]] && junit=("--junitxml=$(realpath -m "$JHSUITE_JUNIT")")
+
+if ((subdomain)); then
+    port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    export JUPYTERHUB_TEST_SUBDOMAIN_HOST="http://localhost.jovyan.org:$port" JHSUITE_FAKE_DNS=1
+    echo "jupyterhub-suite: subdomains, JUPYTERHUB_TEST_SUBDOMAIN_HOST=$JUPYTERHUB_TEST_SUBDOMAIN_HOST"
+fi
 
 cd "$work"
 export PYTHONPATH="$here/jupyterhub_suite${PYTHONPATH:+:$PYTHONPATH}"
