@@ -81,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report",
         type=Path,
+        nargs="+",
         metavar="JSON",
-        help="do not run: print (and with --write-docs, write) the report of a raw results file",
+        help="do not run: report on raw results file(s) of one mode, their runs pooled; "
+        "with --write-docs, write the docs from them",
     )
     args = parser.parse_args(argv)
     if args.report:
-        results = json.loads(args.report.read_text())
+        try:
+            results = report.pool([json.loads(p.read_text()) for p in args.report])
+        except ValueError as exc:
+            parser.error(str(exc))
         print(report.console(results))
         if args.write_docs:
             write_docs(results, args.docs_dir)

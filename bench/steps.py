@@ -1,9 +1,9 @@
 """One run of one proxy: start it, measure every step in order, stop it.
 
-Order matters and is the same for every proxy: idle RSS, idle WebSockets (on the fresh process,
-before load grows a heap), small keep-alive, new connection per request, 1 MiB (peak RSS is read
-right after it), WebSocket echo, API add, API GET all, small keep-alive again with the big
-table, API latency under data-plane load.
+Order matters and is the same for every proxy. A first process: idle RSS, idle WebSockets. A
+second, fresh one (a heap grown by thousands of sockets would slow the rest): small keep-alive,
+new connection per request, 1 MiB (peak RSS is read right after it), WebSocket echo, API add,
+API GET all, small keep-alive again with the big table, API latency under data-plane load.
 A step that fails is recorded with its error and the run goes on with the next one.
 """
 
@@ -113,8 +113,28 @@ class Run:
 
     # -- the run ---------------------------------------------------------------------------
     def execute(self) -> None:
+        """Two processes per run: the first only for memory (opening thousands of sockets
+        grows a runtime's heap for good, and Node is then ~30% slower per request), the second
+        for everything else."""
+        memory = [("websocket_idle", self.step_websocket_idle)]
+        load = [
+            ("warmup", self.step_warmup),
+            ("keepalive", self.step_keepalive),
+            ("close", self.step_close),
+            ("big", self.step_big),
+            ("websocket", self.step_websocket),
+            ("api_add", self.step_api_add),
+            ("api_get_all", self.step_api_get_all),
+            ("routes", self.step_routes),
+            ("api_under_load", self.step_api_under_load),
+        ]
+        if self.phase(1, memory):
+            self.phase(2, load)
+
+    def phase(self, number: int, steps: list[tuple[str, Callable[[], None]]]) -> bool:
+        """Start a fresh proxy, run ``steps``, stop it; False if it could not start."""
         try:
-            self.start()
+            self.start(number)
         except Exception as exc:
             self.error = f"failed to start: {exc}"
             self.metrics.clear()
@@ -123,62 +143,55 @@ class Run:
                 if tail:
                     self.error += "\n" + tail
                 self.proxy.stop()
-            return
+            return False
         try:
-            for name, step in [
-                ("websocket_idle", self.step_websocket_idle),
-                ("warmup", self.step_warmup),
-                ("keepalive", self.step_keepalive),
-                ("close", self.step_close),
-                ("big", self.step_big),
-                ("websocket", self.step_websocket),
-                ("api_add", self.step_api_add),
-                ("api_get_all", self.step_api_get_all),
-                ("routes", self.step_routes),
-                ("api_under_load", self.step_api_under_load),
-            ]:
+            for name, step in steps:
                 assert self.proxy is not None
                 if not self.proxy.alive():
                     self.errors[name] = "proxy is not running:\n" + self.proxy.log_tail()
                     continue
-                try:
-                    tries = 1 + (self.retries if name in REPEATABLE else 0)
-                    attempts = 0
-                    while attempts < tries:
-                        attempts += 1
-                        step()
-                        if not self.steps.get(name, {}).get("noisy"):
-                            break
-                    if name in self.steps:
-                        self.steps[name]["attempts"] = attempts
-                except Exception as exc:
-                    self.errors[name] = f"{type(exc).__name__}: {exc}"
-                    with (self.bench.logs / "errors.log").open("a") as f:
-                        f.write(f"{self.spec.name} run {self.index} {name}\n")
-                        f.write(traceback.format_exc() + "\n")
+                self.run_step(name, step)
         finally:
             assert self.proxy is not None
             if self.proxy.alive():
                 with contextlib.suppress(OSError):
-                    self.metrics["rss_end_mib"] = self.rss()
+                    self.metrics[f"rss_end_phase{number}_mib"] = self.rss()
             else:
-                self.error = self.error or "proxy died during the run"
+                self.error = self.error or "proxy died during the run:\n" + self.proxy.log_tail()
             self.proxy.stop()
+        return True
 
-    def start(self) -> None:
+    def run_step(self, name: str, step: Callable[[], None]) -> None:
+        try:
+            tries = 1 + (self.retries if name in REPEATABLE else 0)
+            attempts = 0
+            while attempts < tries:
+                attempts += 1
+                step()
+                if not self.steps.get(name, {}).get("noisy"):
+                    break
+            if name in self.steps:
+                self.steps[name]["attempts"] = attempts
+        except Exception as exc:
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+            with (self.bench.logs / "errors.log").open("a") as f:
+                f.write(f"{self.spec.name} run {self.index} {name}\n")
+                f.write(traceback.format_exc() + "\n")
+
+    def start(self, phase: int) -> None:
         self.port, self.api_port = procs.free_port(), procs.free_port()
         target = f"http://127.0.0.1:{self.bench.backend_port}"
         self.proxy = procs.Managed(
             self.spec.name,
             self.spec.command(self.port, self.api_port, target),
             self.bench.proxy_core,
-            self.bench.logs / f"{self.spec.name}-run{self.index}.log",
+            self.bench.logs / f"{self.spec.name}-run{self.index}-{phase}.log",
             env={"CONFIGPROXY_AUTH_TOKEN": self.token, **dict(self.spec.env)},
         )
         timeout = self.mode.start_timeout
         waited = procs.wait_port(self.port, self.proxy.proc, timeout)
         waited += procs.wait_port(self.api_port, self.proxy.proc, timeout)
-        self.metrics["startup_s"] = waited
+        self.metrics.setdefault("startup_s", waited)
         try:
             with urllib.request.urlopen(self.url("small"), timeout=10) as resp:
                 body = resp.read()
@@ -189,7 +202,7 @@ class Run:
         self.meter = Meter(
             self.proxy.pid, self.bench.backend.pid, self.bench.proxy_core, self.bench.load_core
         )
-        self.metrics["rss_idle_mib"] = self.rss()
+        self.metrics.setdefault("rss_idle_mib", self.rss())
 
     def step_warmup(self) -> None:
         mode = self.mode
@@ -236,7 +249,7 @@ class Run:
     async def _websocket_idle(self) -> None:
         """RSS with N idle sockets open, then the marginal cost of N more (a runtime's heap grows
         in steps, so the first N also pay for heap growth; the second N show the per-socket
-        cost)."""
+        cost). On a process of its own, so rss_idle_mib is this process's."""
         n = self.mode.idle_ws
         counter = wsload.Counter(0)
         clients: list[wsload.WsClient] = []
