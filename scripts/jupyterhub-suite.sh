@@ -69,7 +69,17 @@ echo "jupyterhub-suite: JupyterHub $jh_version; proxy: $found (version $version)
 
 # --- run from an empty directory (JupyterHub's fixtures chdir to temporary dirs as well) ---------
 work="$(mktemp -d "${TMPDIR:-/tmp}/jhsuite.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+# Some of JupyterHub's tests leave single-user servers running (test_external_proxy never stops
+# river's). They inherit PYTHONPATH, which carries this run's directory: at exit, stop exactly
+# the processes whose PYTHONPATH names it.
+cleanup() {
+    local pid
+    for pid in $(grep -lsF "PYTHONPATH=$work" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
+        [[ $pid != "$$" ]] && kill -9 "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
 targets=()
 for m in "${modules[@]}"; do
     if [[ $m == ALL ]]; then
@@ -88,6 +98,6 @@ if ((subdomain)); then
 fi
 
 cd "$work"
-export PYTHONPATH="$here/jupyterhub_suite${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m pytest -c "$here/jupyterhub_suite/pytest.ini" --rootdir "$work" \
+export PYTHONPATH="$work:$here/jupyterhub_suite${PYTHONPATH:+:$PYTHONPATH}"
+"$python" -m pytest -c "$here/jupyterhub_suite/pytest.ini" --rootdir "$work" \
     --timeout "${JHSUITE_TIMEOUT:-60}" "${junit[@]}" --pyargs "${targets[@]}" "${extra[@]}"
