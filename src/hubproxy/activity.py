@@ -3,6 +3,11 @@
 The data plane only marks routes in memory (`RouteTable.mark_active`); this flusher writes the
 newest mark per route to the store at most once per interval, and on demand before the API reads
 the table, so `GET /api/routes` is always current without any request waiting on the store.
+
+A batch the store could not take is kept and merged into the next one (newest mark per route
+wins), so activity seen while a shared store (Redis) is away reaches it when it comes back. The
+marks kept are one per route at most. A store that is unavailable (`StoreUnavailable`) is not an
+error for `flush()`: the API still answers reads, from what the store can give.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 from datetime import UTC, datetime
 
 from hubproxy.routing import RouteTable
-from hubproxy.store.base import RouteStore
+from hubproxy.store.base import RouteStore, StoreUnavailable
 
 log = logging.getLogger("hubproxy")
 
@@ -25,15 +30,41 @@ class ActivityFlusher:
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self.last_flush_duration = 0.0
+        self._kept: dict[str, float] = {}  # marks of batches the store did not take
+        self._unavailable = False  # the last flush met StoreUnavailable (logged once)
 
     async def flush(self) -> None:
+        """Write the new marks (and any kept ones); keep them if the store cannot take them.
+
+        Raises what the store raised, except `StoreUnavailable`, which is logged once per outage.
+        """
         marks = self._table.take_activity()
+        if self._kept:
+            kept, self._kept = self._kept, {}
+            for key, ts in marks.items():
+                if ts > kept.get(key, 0.0):
+                    kept[key] = ts
+            marks = kept
         if not marks:
             return
         loop = asyncio.get_running_loop()
         started = loop.time()
         batch = {key: datetime.fromtimestamp(ts, UTC) for key, ts in marks.items()}
-        await self._store.record_activity(batch)
+        try:
+            await self._store.record_activity(batch)
+        except BaseException as e:
+            for key, ts in marks.items():  # (marks made meanwhile are in the table still)
+                if ts > self._kept.get(key, 0.0):
+                    self._kept[key] = ts
+            if not isinstance(e, StoreUnavailable):
+                raise
+            if not self._unavailable:
+                self._unavailable = True
+                log.warning("Route activity kept for later: %s", e or "route store unavailable")
+            return
+        if self._unavailable:
+            self._unavailable = False
+            log.info("Route activity recorded again (%d routes)", len(marks))
         self.last_flush_duration = loop.time() - started
 
     def start(self) -> None:
@@ -45,7 +76,10 @@ class ActivityFlusher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.flush()
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("Failed to record route activity")
 
     async def _run(self) -> None:
         while True:
@@ -53,6 +87,5 @@ class ActivityFlusher:
             try:
                 await self.flush()
             except Exception:
-                # a store hiccup must not stop future flushes; the marks of this batch are lost,
-                # which costs at most one interval of activity precision
+                # a store hiccup must not stop future flushes; the marks are kept for the next
                 log.exception("Failed to record route activity")

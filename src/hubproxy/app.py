@@ -18,7 +18,7 @@ from hubproxy.listen import Bound, ListenError, bind_tcp, bind_unix, remove_unix
 from hubproxy.proxy import ProxyService
 from hubproxy.redirect import start_redirect
 from hubproxy.routing import RouteTable
-from hubproxy.store import RouteStore, open_store
+from hubproxy.store import RouteStore, StoreSpecError, StoreUnavailable, open_store
 from hubproxy.tls import CertificateWatcher, TLSContexts, TLSError, ineffective_options
 from hubproxy.tls import build as build_tls
 
@@ -83,6 +83,19 @@ async def _add_default_route(store: RouteStore, target: str) -> None:
     log.info("Route added / -> %s", target)
 
 
+async def _retry_default_route(store: RouteStore, target: str, error: StoreUnavailable) -> None:
+    """The store (Redis) was away at start: add `/` once it takes writes, retrying every second."""
+    log.warning("Cannot add route / -> %s yet (%s): retrying", target, error)
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await store.add("/", {"target": target, "last_activity": datetime.now(UTC)})
+        except StoreUnavailable:
+            continue
+        log.info("Route added / -> %s", target)
+        return
+
+
 def _log_uncaught(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
     """Whatever escapes a callback is logged in CHP's words; the proxy carries on."""
     exc = context.get("exception")
@@ -133,8 +146,15 @@ async def serve(config: Config) -> int:
     for option in ineffective_options(config):
         log.debug("%s has no effect (as in CHP)", option)
 
-    store = open_store(config.storage_backend)
-    await store.start()
+    try:
+        store = open_store(config.storage_backend)
+        await store.start()  # Redis: waits a few seconds at most, then starts without it
+    except StoreSpecError as e:
+        log.error("%s", e)
+        return 1
+    except Exception as e:  # a third-party store failing to start
+        log.error("Cannot start the route store: %s: %s", type(e).__name__, e)
+        return 1
     table = RouteTable()
     store.watch(table)
     flusher = ActivityFlusher(table, store)
@@ -152,9 +172,15 @@ async def serve(config: Config) -> int:
     public_server: asyncio.Server | None = None
     redirect_runner: web.BaseRunner | None = None
     pid_written = False
+    default_route: asyncio.Task[None] | None = None
     try:
         if config.default_target:
-            await _add_default_route(store, config.default_target)
+            try:
+                await _add_default_route(store, config.default_target)
+            except StoreUnavailable as e:
+                default_route = loop.create_task(
+                    _retry_default_route(store, config.default_target, e)
+                )
         public_server = await loop.create_server(
             proxy.protocol_factory,
             sock=public.sock,
@@ -201,6 +227,8 @@ async def serve(config: Config) -> int:
         await api_runner.cleanup()
         if redirect_runner is not None:
             await redirect_runner.cleanup()
+        if default_route is not None:
+            default_route.cancel()
         await flusher.stop()
         await store.close()
         for bound in (public, api, redirect):

@@ -45,8 +45,6 @@ NOT_SUPPORTED_YET: tuple[tuple[str, Callable[[Config], bool]], ...] = (
     ("--metrics-ip", lambda c: c.metrics_ip != ""),
     ("--metrics-port", lambda c: c.metrics_port is not None),
     ("--metrics-socket", lambda c: c.metrics_socket is not None),
-    # stores other than the in-memory one
-    ("--storage-backend other than memory", lambda c: c.storage_backend not in (None, "memory")),
     # our own additions
     ("--log-format json", lambda c: c.log_format == "json"),
     ("--access-log", lambda c: c.access_log),

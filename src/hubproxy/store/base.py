@@ -15,7 +15,7 @@ them). Any method may raise `StoreUnavailable` when the backing service is down;
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 RouteData = dict[str, Any]
@@ -33,6 +33,28 @@ class ChangeListener(Protocol):
 
 class StoreUnavailable(Exception):
     """The store cannot take writes right now (the API answers 503, which JupyterHub retries)."""
+
+
+class StoreSpecError(ValueError):
+    """A --storage-backend value that names no store we can build, or a store that cannot open.
+
+    The message is one line for the log; the process exits 1 with it.
+    """
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_micros(when: datetime) -> int:
+    """Microseconds since the epoch of an aware (or naive UTC) datetime: how stores keep times."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> datetime:
+    """The aware UTC datetime for `to_micros`'s number (exact both ways)."""
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 @runtime_checkable
