@@ -5,7 +5,9 @@ application's only middleware, so it sees every request whatever its request-tar
 router, which would answer `404: Not Found` by itself, is never consulted). It mirrors CHP's
 order of checks, which clients can observe:
 
-1. dispatch on `^/api/routes(/.*)?$` of the request path (query ignored), else 404 `Not Found`;
+1. dispatch on `^/api/routes(/.*)?$` of the request path (query ignored); else one of the extra
+   `pages` (the dashboard: GET only, each with or without the token check of step 5); else 404
+   `Not Found`;
 2. the method: GET, POST or DELETE, else 405 `Method not supported`, before authentication;
 3. the suffix is percent-decoded as strict UTF-8 (`decodeURIComponent`); malformed -> 400;
 4. for POST, the body is read and parsed as JSON (invalid -> 400), still before authentication;
@@ -32,6 +34,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_tz
@@ -70,6 +73,14 @@ class ApiStats:
 
 
 API_STATS = web.AppKey("hubproxy_api_stats", ApiStats)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A GET-only page served beside `/api/routes` at an exact path (the dashboard's)."""
+
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    authenticated: bool  # behind the API's token check
 
 
 # -- pure helpers: JavaScript's decodeURIComponent, Date.parse and Date.toJSON ------------------
@@ -311,11 +322,17 @@ class _Answer(Exception):
 
 class _RoutesApi:
     def __init__(
-        self, config: Config, store: RouteStore, flusher: ActivityFlusher, stats: ApiStats
+        self,
+        config: Config,
+        store: RouteStore,
+        flusher: ActivityFlusher,
+        stats: ApiStats,
+        pages: Mapping[str, Page],
     ) -> None:
         self.store = store
         self.flusher = flusher
         self.stats = stats
+        self.pages = pages
         self.host_routing = config.host_routing
         token = config.auth_token or None
         self.token = token.encode("utf-8", "surrogateescape") if token else None
@@ -343,9 +360,17 @@ class _RoutesApi:
         return response
 
     async def dispatch(self, request: web.Request, method: str) -> web.StreamResponse:
-        match = _API_PATH.match(request_path(request.raw_path))
+        path_only = request_path(request.raw_path)
+        match = _API_PATH.match(path_only)
         if match is None:
-            raise _Answer(404, body="Not Found")
+            page = self.pages.get(path_only)
+            if page is None:
+                raise _Answer(404, body="Not Found")
+            if method not in ("GET", "HEAD"):
+                raise _Answer(405, "Method not supported")
+            if page.authenticated:
+                self._authenticate(request)
+            return await page.handler(request)
         if method not in _METHODS:
             raise _Answer(405, "Method not supported")
         path: str | None = match.group(1)
@@ -452,10 +477,12 @@ def create_api_app(
     store: RouteStore,
     flusher: ActivityFlusher,
     stats: ApiStats | None = None,
+    pages: Mapping[str, Page] | None = None,
 ) -> web.Application:
-    """The API as an aiohttp application; its counters are `app[API_STATS]`."""
+    """The API as an aiohttp application; its counters are `app[API_STATS]`; `pages` are served
+    beside it at their exact paths (see `Page`)."""
     stats = stats if stats is not None else ApiStats()
-    api = _RoutesApi(config, store, flusher, stats)
+    api = _RoutesApi(config, store, flusher, stats, pages or {})
     app = web.Application(middlewares=[api.handle], client_max_size=MAX_BODY)
     app[API_STATS] = stats
     app.on_response_prepare.append(_drop_default_content_type)

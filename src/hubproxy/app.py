@@ -12,9 +12,12 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from hubproxy.activity import ActivityFlusher
-from hubproxy.api import create_api_app
+from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
+from hubproxy.dashboard import dashboard_pages
 from hubproxy.listen import Bound, ListenError, bind_tcp, bind_unix, remove_unix_socket
+from hubproxy.logs import access_logger
+from hubproxy.metrics import Metrics, create_metrics_app
 from hubproxy.proxy import ProxyService
 from hubproxy.redirect import start_redirect
 from hubproxy.routing import RouteTable
@@ -41,7 +44,7 @@ def run(config: Config) -> int:
         return runner.run(serve(config))
 
 
-def _bind(config: Config) -> tuple[Bound, Bound, Bound | None]:
+def _bind(config: Config) -> tuple[Bound, Bound, Bound | None, Bound | None]:
     if config.socket:
         public = bind_unix(config.socket, "proxy")
     else:
@@ -58,12 +61,25 @@ def _bind(config: Config) -> tuple[Bound, Bound, Bound | None]:
             assert config.redirect_port is not None
             # all interfaces, whatever --ip says, as CHP (spec §3.13)
             redirect = bind_tcp(None, config.redirect_port, "redirect")
+            bound.append(redirect)
+        metrics = _bind_metrics(config)
     except ListenError:
         for b in bound:
             b.sock.close()
             remove_unix_socket(b)
         raise
-    return public, api, redirect
+    return public, api, redirect, metrics
+
+
+def _bind_metrics(config: Config) -> Bound | None:
+    """CHP's rule: a metrics listener only with --metrics-socket or --metrics-port."""
+    if config.metrics_socket:
+        return bind_unix(config.metrics_socket, "metrics")
+    if config.metrics_port is not None:
+        return bind_tcp(config.metrics_ip or None, config.metrics_port, "metrics")
+    if config.metrics_ip:
+        log.warning("No metrics server without --metrics-port (as CHP): --metrics-ip unused")
+    return None
 
 
 def _wants_redirect(config: Config) -> bool:
@@ -160,7 +176,7 @@ async def serve(config: Config) -> int:
     flusher = ActivityFlusher(table, store)
 
     try:
-        public, api, redirect = _bind(config)
+        public, api, redirect, metrics_bound = _bind(config)
     except ListenError as e:
         log.error("%s", e)
         await store.close()
@@ -168,7 +184,13 @@ async def serve(config: Config) -> int:
 
     proxy = ProxyService(config, table)
     watcher = _watch_certificates(tls, proxy)
-    api_runner = web.AppRunner(create_api_app(config, store, flusher), handle_signals=False)
+    if config.access_log:
+        proxy.access_log = access_logger(config.log_format)
+    api_stats = ApiStats()
+    metrics = Metrics(proxy, api_stats, flusher)
+    api_app = create_api_app(config, store, flusher, api_stats, dashboard_pages(metrics))
+    api_runner = web.AppRunner(api_app, handle_signals=False)
+    metrics_runner: web.AppRunner | None = None
     public_server: asyncio.Server | None = None
     redirect_runner: web.BaseRunner | None = None
     pid_written = False
@@ -189,6 +211,10 @@ async def serve(config: Config) -> int:
         await api_runner.setup()
         api_ssl = tls.api.listening if tls.api else None
         await web.SockSite(api_runner, api.sock, ssl_context=api_ssl).start()
+        if metrics_bound is not None:
+            metrics_runner = web.AppRunner(create_metrics_app(metrics), handle_signals=False)
+            await metrics_runner.setup()
+            await web.SockSite(metrics_runner, metrics_bound.sock).start()
         redirect_to = None
         if redirect is not None:
             redirect_to = config.redirect_to or public.port
@@ -202,6 +228,8 @@ async def serve(config: Config) -> int:
         public_url = public.url("https" if tls.public else "http")
         log.info("Proxying %s to %s", public_url, config.default_target or "(no default)")
         log.info("Proxy API at %s/api/routes", api.url("https" if tls.api else "http"))
+        if metrics_bound is not None:
+            log.info("Serve metrics at %s/metrics", metrics_bound.url("http"))
         if redirect is not None:
             log.info("Added HTTP to HTTPS redirection from %s to %s", redirect.port, redirect_to)
         if config.pid_file:
@@ -225,13 +253,15 @@ async def serve(config: Config) -> int:
             await watcher.stop()
         await proxy.drain(DRAIN_SECONDS)
         await api_runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         if redirect_runner is not None:
             await redirect_runner.cleanup()
         if default_route is not None:
             default_route.cancel()
         await flusher.stop()
         await store.close()
-        for bound in (public, api, redirect):
+        for bound in (public, api, redirect, metrics_bound):
             if bound is None:
                 continue
             bound.sock.close()

@@ -40,15 +40,7 @@ log = logging.getLogger("hubproxy")
 
 # The options accepted but not implemented yet: (option as the message names it, "is it in use?").
 # Each later issue deletes the entries it implements.
-NOT_SUPPORTED_YET: tuple[tuple[str, Callable[[Config], bool]], ...] = (
-    # metrics listener
-    ("--metrics-ip", lambda c: c.metrics_ip != ""),
-    ("--metrics-port", lambda c: c.metrics_port is not None),
-    ("--metrics-socket", lambda c: c.metrics_socket is not None),
-    # our own additions
-    ("--log-format json", lambda c: c.log_format == "json"),
-    ("--access-log", lambda c: c.access_log),
-)
+NOT_SUPPORTED_YET: tuple[tuple[str, Callable[[Config], bool]], ...] = ()
 
 # winston's levels, most to least severe (CHP documents the first four)
 LOG_LEVELS = ("error", "warn", "info", "http", "verbose", "debug", "silly")

@@ -1,7 +1,20 @@
 """CHP-style log lines on stdout: `<ISO UTC time>Z [ConfigProxy] <level>: <message>`.
 
 CHP always colours the level word; we colour it only when stdout is a terminal, so log files and
-JupyterHub's captured output stay clean. `--log-format json` writes one JSON object per line.
+JupyterHub's captured output stay clean. `--log-format json` writes one JSON object per line:
+`{"time": ..., "level": ..., "message": ...}` plus the record's `fields` (see `access_logger`),
+and `exception` with a traceback.
+
+`--access-log` (off by default, as CHP has none) adds one info line per request answered on the
+public listener (the health check excepted), from the `hubproxy.access` logger:
+
+    200 GET /user/alice/lab 2.41ms 1024B -> http://127.0.0.1:8888 from 127.0.0.1
+
+status, method, path (the query is left out, as in CHP's lines: it may carry tokens), time from
+the request's first byte read to its response's last byte written, bytes written to the client
+for it (head and body), the route's target (`-` when none matched), and the client's address
+(`-` on a Unix socket). A WebSocket is logged when its `101` has been passed on. When the option
+is off nothing is done per request but one attribute check.
 """
 
 from __future__ import annotations
@@ -10,9 +23,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 LOGGER_NAME = "hubproxy"
+ACCESS_LOGGER_NAME = "hubproxy.access"
 
 # CHP (winston) level names as thresholds. winston orders them error < warn < info < http <
 # verbose < debug < silly; CHP logs nothing at http, verbose or silly, so `http` and `verbose` show
@@ -100,3 +115,66 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
         library.propagate = False
     # aiohttp's own access log would duplicate our API log lines
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def access_logger(
+    fmt: str = "text",
+) -> Callable[[int, bytes, bytes, float, int, str | None, bytes], None]:
+    """The writer `--access-log` installs as `ProxyService.access_log` (see the module's doc)."""
+    logger = logging.getLogger(ACCESS_LOGGER_NAME)
+    logger.setLevel(logging.INFO)  # asked for by name: shown whatever --log-level says
+    info = logger.info
+    line = "%d %s %s %.2fms %dB -> %s from %s"
+
+    def write_text(
+        status: int,
+        method: bytes,
+        url: bytes,
+        seconds: float,
+        sent: int,
+        target: str | None,
+        client: bytes,
+    ) -> None:
+        info(
+            line,
+            status,
+            method.decode("latin-1"),
+            url.partition(b"?")[0].decode("latin-1"),
+            seconds * 1000,
+            sent,
+            target or "-",
+            "-" if client == b"undefined" else client.decode("latin-1"),
+        )
+
+    def write_json(
+        status: int,
+        method: bytes,
+        url: bytes,
+        seconds: float,
+        sent: int,
+        target: str | None,
+        client: bytes,
+    ) -> None:
+        fields = {
+            "event": "access",
+            "status": status,
+            "method": method.decode("latin-1"),
+            "path": url.partition(b"?")[0].decode("latin-1"),
+            "duration_ms": round(seconds * 1000, 3),
+            "bytes": sent,
+            "target": target,
+            "client": None if client == b"undefined" else client.decode("latin-1"),
+        }
+        info(
+            line,
+            status,
+            fields["method"],
+            fields["path"],
+            seconds * 1000,
+            sent,
+            target or "-",
+            fields["client"] or "-",
+            extra={"fields": fields},
+        )
+
+    return write_json if fmt == "json" else write_text

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
+from bisect import bisect_left
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from hubproxy.config import Config
@@ -20,18 +21,65 @@ from hubproxy.tls import client_context
 
 log = logging.getLogger("hubproxy")
 
+# --access-log's writer: (status, method, request-target, seconds, bytes sent, route target or
+# None, client address); hubproxy.logs.access_logger builds it
+AccessLog = Callable[[int, bytes, bytes, float, int, str | None, bytes], None]
+
 UPSTREAM_IDLE_SECONDS = 30.0  # pooled connections unused this long are closed
 
 
-class ProxyStats:
-    """Counters the hot path bumps; the metrics issue exports them."""
+# Request durations: upper bounds (seconds) of the histogram's buckets; a last bucket is +Inf.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOOKUP_SAMPLES = 1024  # the newest timed lookups kept for the quantiles
 
-    __slots__ = ("requests_proxy", "requests_web", "requests_ws")
+
+class ProxyStats:
+    """Plain numbers the hot path bumps; `hubproxy.metrics` reads them when scraped.
+
+    Nothing here allocates per request: a duration lands in a fixed bucket array, a timed
+    lookup overwrites a slot of a fixed ring, bytes are added to per-connection integers that
+    are folded in here when the connection closes.
+    """
+
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "duration_buckets",
+        "duration_sums",
+        "lookup_ring",
+        "lookup_seconds",
+        "lookup_timed",
+        "lookups",
+        "requests_proxy",
+        "requests_web",
+        "requests_ws",
+    )
 
     def __init__(self) -> None:
         self.requests_web = 0
         self.requests_ws = 0
         self.requests_proxy: dict[int, int] = {}
+        # by status class (status // 100, 0-9): counts per bucket, and the sum of seconds
+        self.duration_buckets = [[0] * (len(DURATION_BUCKETS) + 1) for _ in range(10)]
+        self.duration_sums = [0.0] * 10
+        self.lookups = 0  # route lookups made; one in LOOKUP_SAMPLE_EVERY is timed
+        self.lookup_timed = 0
+        self.lookup_seconds = 0.0
+        self.lookup_ring = [0.0] * LOOKUP_SAMPLES
+        # bytes read from / written to clients by connections that have closed
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    def observe_duration(self, status: int, seconds: float) -> None:
+        cls = status // 100 if 0 <= status < 1000 else 0
+        self.duration_buckets[cls][bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sums[cls] += seconds
+
+    def observe_lookup(self, seconds: float) -> None:
+        timed = self.lookup_timed
+        self.lookup_ring[timed % LOOKUP_SAMPLES] = seconds
+        self.lookup_timed = timed + 1
+        self.lookup_seconds += seconds
 
 
 class ProxyService:
@@ -59,6 +107,8 @@ class ProxyService:
             1, config.keep_alive_timeout // 1000
         )
         self.debug = log.isEnabledFor(logging.DEBUG)  # checked once: logging calls cost per request
+        # --access-log: called with each finished request (see hubproxy.logs.access_logger)
+        self.access_log: AccessLog | None = None
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._pools: dict[str, Pool] = {}
@@ -106,6 +156,24 @@ class ProxyService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("Uncaught Exception: %s", task.exception(), exc_info=task.exception())
+
+    # -- read by the metrics page and the dashboard ---------------------------------------------
+
+    def upstream_connections(self) -> tuple[int, int]:
+        """(lent to a request, idle in a pool) connections to targets; tunnels not counted."""
+        in_use = idle = 0
+        for pool in self._pools.values():
+            in_use += pool.in_use
+            idle += len(pool.idle)
+        return in_use, idle
+
+    def client_bytes(self) -> tuple[int, int]:
+        """(received from, sent to) clients of the public listener since the start."""
+        received, sent = self.stats.bytes_received, self.stats.bytes_sent
+        for conn in self.connections:
+            received += conn.bytes_received
+            sent += conn.bytes_sent
+        return received, sent
 
     # -- timeouts ---------------------------------------------------------------------------------
 

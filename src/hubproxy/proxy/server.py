@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hubproxy")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line plus headers; beyond it: 431
+LOOKUP_SAMPLE_EVERY = 16  # one route lookup in this many is timed (find_target_for_req)
 HEALTH_BODY = b'{"status":"OK"}'
 
 # reasons for not reading from the client
@@ -70,12 +71,14 @@ class Request:
         "method",
         "pending",
         "route",
+        "started",
         "upgrade",
         "url",
         "websocket",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, started: float) -> None:
+        self.started = started  # monotonic time of the read that began it (durations)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
@@ -112,6 +115,9 @@ class ClientConnection(asyncio.Protocol):
         self.eofs = 0
         self.idle_since = time.monotonic()
         self.last_io = self.idle_since
+        self.bytes_received = 0  # from the client, everything read (metrics)
+        self.bytes_sent = 0  # to the client, everything written (metrics)
+        self.bytes_logged = 0  # bytes_sent when the access log last wrote a line
 
     # -- connection lifecycle --------------------------------------------------------------------
 
@@ -127,7 +133,11 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.service.connections.discard(self)
+        service = self.service
+        service.connections.discard(self)
+        service.stats.bytes_received += self.bytes_received
+        service.stats.bytes_sent += self.bytes_sent
+        self.bytes_received = self.bytes_sent = 0  # counted once, should this be called again
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
@@ -191,13 +201,13 @@ class ClientConnection(asyncio.Protocol):
     def transport_write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+            self.bytes_sent += len(data)
 
     def transport_writelines(self, data: list[bytes]) -> None:
         if not self.closed and self.transport is not None:
-            if len(data) == 1:
-                self.transport.write(data[0])
-            else:
-                self.transport.write(b"".join(data))
+            out = data[0] if len(data) == 1 else b"".join(data)
+            self.transport.write(out)
+            self.bytes_sent += len(out)
 
     def connection_header(self, request: Request) -> bytes:
         if request.keep_alive and not self.service.draining:
@@ -209,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_io = time.monotonic()
+        self.bytes_received += len(data)
         active = self.active
         if self.tunnel or (active is not None and active.upgrade):
             # past an upgrade request nothing is HTTP any more: bytes go to the target as they
@@ -270,7 +281,7 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def on_message_begin(self) -> None:
-        self.parsing = Request()
+        self.parsing = Request(self.last_io)
         self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
@@ -359,7 +370,14 @@ class ClientConnection(asyncio.Protocol):
                     request.host = value
                     break
             key = host_key(request.host, key)
-        route = service.table.lookup(key)
+        stats = service.stats
+        stats.lookups += 1
+        if stats.lookups % LOOKUP_SAMPLE_EVERY != 1:
+            route = service.table.lookup(key)
+        else:  # find_target_for_req: one lookup in LOOKUP_SAMPLE_EVERY is timed
+            began = time.perf_counter()
+            route = service.table.lookup(key)
+            stats.observe_lookup(time.perf_counter() - began)
         if route is None:
             self.fail(request, 404, "Not Found")
             return
@@ -455,10 +473,31 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self, request: Request, status: int) -> None:
         """The upstream's answer to `request` has been written in full."""
         self._detach_upstream()
+        service = self.service
         route = request.route
         if route is not None and status < 300:
-            self.service.table.mark_active(route)
+            service.table.mark_active(route)
+        # last_io: when the response's last bytes were read (and written on)
+        service.stats.observe_duration(status, self.last_io - request.started)
+        if service.access_log is not None:
+            self._log_access(request, status, self.last_io)
         self._finish(request)
+
+    def _log_access(self, request: Request, status: int, now: float) -> None:
+        """One --access-log line; the bytes are those written since the previous line."""
+        assert self.service.access_log is not None
+        sent = self.bytes_sent - self.bytes_logged
+        self.bytes_logged = self.bytes_sent
+        route = request.route
+        self.service.access_log(
+            status,
+            request.method,
+            request.url,
+            now - request.started,
+            sent,
+            route.target if route is not None else None,
+            self.client_ip,
+        )
 
     def _detach_upstream(self) -> None:
         """The upstream is done with us: whatever it made us pause for no longer holds."""
@@ -536,6 +575,7 @@ class ClientConnection(asyncio.Protocol):
         url = request.url.partition(b"?")[0].decode("latin-1")
         log.error("%d %s %s %s", status, request.method.decode(), url, detail)
         self.count_response(status)
+        service.stats.observe_duration(status, time.monotonic() - request.started)
         if request.upgrade:
             self._websocket_error(request, status, detail)
             return
@@ -552,6 +592,8 @@ class ClientConnection(asyncio.Protocol):
             b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             % (status, reason(status))
         )
+        if self.service.access_log is not None:
+            self._log_access(request, status, time.monotonic())
         self.active = None
         self.close()
 
@@ -571,6 +613,8 @@ class ClientConnection(asyncio.Protocol):
         if not request.head:
             parts.append(error.body)
         self.transport_write(b"".join(parts))
+        if self.service.access_log is not None:
+            self._log_access(request, status, time.monotonic())
         self._finish(request)
 
     def _send_health(self, request: Request) -> None:
@@ -580,6 +624,7 @@ class ClientConnection(asyncio.Protocol):
         )
         request.pending = None
         self.transport_write(head if request.head else head + HEALTH_BODY)
+        self.bytes_logged = self.bytes_sent  # not in the access log, nor in the next line's bytes
         self._finish(request)
 
     # -- tunnel ----------------------------------------------------------------------------------
@@ -588,6 +633,8 @@ class ClientConnection(asyncio.Protocol):
         """The target accepted the upgrade: from now on, bytes flow unparsed both ways."""
         self.tunnel = True
         self.upstream = upstream
+        if self.service.access_log is not None and self.active is not None:
+            self._log_access(self.active, 101, self.last_io)
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
