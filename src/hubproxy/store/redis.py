@@ -182,8 +182,8 @@ return {redis.call('GET', KEYS[4]) or '0', redis.call('GET', KEYS[5]) or '',
 
 def parse_redis_url(url: str) -> tuple[str, str]:
     """(the URL for redis-py, the key prefix): our own `prefix` query parameter taken out."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    base, _, query_string = url.partition("?")
+    query = parse_qsl(query_string, keep_blank_values=True)
     prefix = "hubproxy"
     rest = []
     for name, value in query:
@@ -193,7 +193,7 @@ def parse_redis_url(url: str) -> tuple[str, str]:
             prefix = value
         else:
             rest.append((name, value))
-    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+    return (f"{base}?{urlencode(rest)}" if rest else base), prefix
 
 
 def redact(url: str) -> str:
@@ -244,6 +244,7 @@ class RedisStore:
         self._down_since: float | None = None
         self._down_logged = 0.0
         self._last_error = ""
+        self._starting = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -271,9 +272,11 @@ class RedisStore:
         self._restore = r.register_script(_RESTORE)
         self._snap = r.register_script(_SNAPSHOT)
         self._task = asyncio.get_running_loop().create_task(self._follow())
+        self._starting = True  # the first failures are start()'s to report
         try:
             await asyncio.wait_for(asyncio.shield(self._synced.wait()), CONNECT_WAIT)
         except TimeoutError:
+            self._starting = False
             log.warning(
                 "Redis at %s is unreachable (%s): starting with an empty route table; "
                 "it fills when Redis answers",
@@ -281,6 +284,7 @@ class RedisStore:
                 self._last_error or "no answer",
             )
         else:
+            self._starting = False
             log.info("Loaded %d routes from Redis at %s", len(self._routes), self.where)
 
     async def close(self) -> None:
@@ -582,6 +586,8 @@ class RedisStore:
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = self._down_logged = now
+            if self._starting:
+                return
             log.warning(
                 "Redis at %s is unreachable (%s): routing from this replica's table, "
                 "API writes answer 503; retrying",
