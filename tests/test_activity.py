@@ -11,7 +11,7 @@ import pytest
 
 from hubproxy.activity import ActivityFlusher
 from hubproxy.routing import RouteTable
-from hubproxy.store import MemoryStore
+from hubproxy.store import MemoryStore, StoreUnavailable
 
 
 async def followed_store(*keys: str) -> tuple[MemoryStore, RouteTable]:
@@ -104,3 +104,52 @@ async def test_periodic_flush_survives_store_errors(hub_log: ListHandler) -> Non
         await flusher.stop()
     assert batch == {"/a": datetime.fromtimestamp(2.0, UTC)}
     assert "Failed to record route activity" in hub_log.messages
+
+
+class UnavailableStore(MemoryStore):
+    """A shared store that is away (Redis down) until `back` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.back = False
+
+    async def record_activity(self, activity: Mapping[str, datetime]) -> None:
+        if not self.back:
+            raise StoreUnavailable("redis is down")
+        await super().record_activity(activity)
+
+
+async def test_marks_are_kept_while_the_store_is_away(hub_log: ListHandler) -> None:
+    store = UnavailableStore()
+    table = RouteTable()
+    store.watch(table)
+    await store.add("/a", {"target": "http://t"})
+    await store.add("/b", {"target": "http://t"})
+    flusher = ActivityFlusher(table, store)
+    a, b = table.get("/a"), table.get("/b")
+    assert a is not None and b is not None
+    table.mark_active(a, 3.0)
+    await flusher.flush()  # StoreUnavailable is not an error for flush (the API still reads)
+    table.mark_active(a, 2.0)  # older than the kept mark: the kept one wins
+    table.mark_active(b, 5.0)
+    await flusher.flush()
+    assert hub_log.messages.count("Route activity kept for later: redis is down") == 1
+    store.back = True
+    await flusher.flush()
+    assert (await store.get("/a") or {})["last_activity"] == datetime.fromtimestamp(3.0, UTC)
+    assert (await store.get("/b") or {})["last_activity"] == datetime.fromtimestamp(5.0, UTC)
+    assert "Route activity recorded again (2 routes)" in hub_log.messages
+    await flusher.flush()  # nothing left over
+
+
+async def test_stop_survives_a_store_that_is_away() -> None:
+    store = UnavailableStore()
+    table = RouteTable()
+    store.watch(table)
+    await store.add("/a", {"target": "http://t"})
+    flusher = ActivityFlusher(table, store, interval=3600)
+    flusher.start()
+    route = table.get("/a")
+    assert route is not None
+    table.mark_active(route)
+    await flusher.stop()  # no exception: the process exits cleanly while Redis is down

@@ -204,6 +204,7 @@ def test_redis_restarted_mid_test(
     server = own_server(persistent=True)
     a = start_proxy("--storage-backend", server.url())
     b = start_proxy("--storage-backend", server.url())
+    c = start_proxy("--storage-backend", server.url())
     a.add_route("/user/before", backend.url)
     poll_a, poll_b = Poller(a), Poller(b)
     poll_b.wait_for("/user/before/x", 200)
@@ -218,6 +219,9 @@ def test_redis_restarted_mid_test(
     assert list(a.routes()) == ["/user/before"]  # from the table
     assert poll_b.status("/user/during/x") == 404
     wait_until(lambda: any("is unreachable" in line for line in b.lines))
+    stopping = time.monotonic()  # a replica stopped while Redis is away exits cleanly, promptly
+    assert c.stop() == 0 and time.monotonic() - stopping < 5
+    assert "Traceback" not in c.stderr
     time.sleep(0.5)
     server.start()
     print(f"\nRedis down for {time.monotonic() - outage_started:.1f} s")

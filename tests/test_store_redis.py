@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
 import time
 import uuid
@@ -440,3 +441,41 @@ async def test_unreachable_at_start_then_it_comes(
     await eventually(lambda: table.get("/waiting") is not None)
     await a.add("/x", {"target": "http://x"})
     assert list(await a.get_all()) == ["/waiting", "/x"]
+
+
+async def test_redis_hanging_is_a_503_in_bounded_time(
+    own_server: Callable[..., RedisServer],
+    make_store: Callable[..., asyncio.Future[RedisStore]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis that accepts connections but never answers (SIGSTOP): writes fail within
+    OP_TIMEOUT (JupyterHub waits 5 s for an answer), reads answer from the view."""
+    monkeypatch.setattr(redis_module, "OP_TIMEOUT", 1.0)
+    server = own_server()
+    a = await make_store(server.url("hp"))
+    table = await followed(a)
+    await a.add("/user/x", {"target": "http://x"})
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await a.add("/user/y", {"target": "http://y"})
+        took = time.monotonic() - started
+        assert took < 4, took
+        started = time.monotonic()
+        assert list(await a.get_all()) == ["/user/x"]
+        assert time.monotonic() - started < 4
+        assert table.get("/user/x") is not None
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+    async def added() -> bool:
+        try:
+            await a.add("/user/y", {"target": "http://y"})
+        except StoreUnavailable:
+            return False
+        return True
+
+    await eventually_async(added)
+    assert list(await a.get_all()) == ["/user/x", "/user/y"]
