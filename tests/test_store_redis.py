@@ -236,6 +236,10 @@ async def test_changes_reach_every_table(
     await c.remove("/user/x")
     assert tc.get("/user/x") is None
     await eventually(lambda: ta.get("/user/x") is None and tb.get("/user/x") is None)
+    for key in ("/user/秀樹", '/q"uo\\te/\n/ü'):  # keys travel through Lua's cjson intact
+        await a.add(key, {"target": "http://u", "surrogate": "\ud800"})
+        await eventually(lambda key=key: target(tb, key) == "http://u")
+        assert b._routes[key] == {"target": "http://u", "surrogate": "\ud800"}
 
 
 async def test_concurrent_writers_converge(

@@ -231,9 +231,8 @@ class SQLiteStore:
             if not isinstance(previous, datetime) or to_micros(previous) < micros:
                 route["last_activity"] = from_micros(micros)
 
-    def _reload(self, rows: _Rows) -> None:
+    def _reload(self, routes: dict[str, RouteData]) -> None:
         """Another process changed the file: the mirror becomes what the file holds."""
-        routes = {key: _decode(text, micros) for key, text, micros in rows}
         self._routes = routes
         for listener in self._listeners:
             listener.routes_reset(routes)
@@ -273,7 +272,8 @@ class SQLiteStore:
                     version = _data_version(conn)
                     if version != seen:
                         seen = version
-                        fresh = _load(conn)
+                        # decoded here, not on the event loop (10,000 routes: ~20 ms)
+                        fresh = {key: _decode(text, us) for key, text, us in _load(conn)}
                         log.info("%s changed by another process: reloaded", self.path)
                         loop.call_soon_threadsafe(self._reload, fresh)
                 except sqlite3.Error as e:
