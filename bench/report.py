@@ -83,7 +83,9 @@ CHART = [
     "api_add_s",
     "api_get_all_ms", "api_load_p99_ms",
 ]  # fmt: skip
-STEPS = ["keepalive", "close", "big", "websocket", "api_add", "routes", "api_under_load"]
+STEPS = [
+    "keepalive", "api_add", "routes", "api_get_all", "close", "big", "websocket", "api_under_load",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -278,9 +280,9 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "- Each run starts the proxy with CHP's CLI (`--default-target` to the backend) twice: "
         "a first process for idle RSS and idle WebSockets (thousands of sockets grow a "
         "runtime's heap for good: Node CHP is then about 30% slower per request), then a fresh "
-        "one for keep-alive, new connection per request (`Connection: close`), 1 MiB, "
-        "WebSocket echo, API add, API GET all, keep-alive again with the big table, API "
-        "latency under load, in that order.",
+        "one for keep-alive, API add, keep-alive again with the big table (right after, so "
+        "that the two differ by the table alone), API GET all, new connection per request "
+        "(`Connection: close`), 1 MiB, WebSocket echo, API latency under load, in that order.",
         "- Small = 13-byte body. wrk: one thread, 50 connections (10 for 1 MiB), `--latency`.",
         "- WebSocket message = one 32-byte frame sent and its echo received (ping-pong on each "
         "socket). Idle WebSockets: handshaken and silent, on the fresh process; RSS read 1 s "

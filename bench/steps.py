@@ -2,8 +2,9 @@
 
 Order matters and is the same for every proxy. A first process: idle RSS, idle WebSockets. A
 second, fresh one (a heap grown by thousands of sockets would slow the rest): small keep-alive,
-new connection per request, 1 MiB (peak RSS is read right after it), WebSocket echo, API add,
-API GET all, small keep-alive again with the big table, API latency under data-plane load.
+API add, small keep-alive again with the big table (right after the first, so that the two
+differ by the table alone: Node slows down as its heap grows), API GET all, new connection per
+request, 1 MiB (peak RSS is read right after it), WebSocket echo, API latency under load.
 A step that fails is recorded with its error and the run goes on with the next one.
 """
 
@@ -117,15 +118,15 @@ class Run:
         grows a runtime's heap for good, and Node is then ~30% slower per request), the second
         for everything else."""
         memory = [("websocket_idle", self.step_websocket_idle)]
-        load = [
+        load = [  # "routes" right after "keepalive": the two differ by the table alone
             ("warmup", self.step_warmup),
             ("keepalive", self.step_keepalive),
+            ("api_add", self.step_api_add),
+            ("routes", self.step_routes),
+            ("api_get_all", self.step_api_get_all),
             ("close", self.step_close),
             ("big", self.step_big),
             ("websocket", self.step_websocket),
-            ("api_add", self.step_api_add),
-            ("api_get_all", self.step_api_get_all),
-            ("routes", self.step_routes),
             ("api_under_load", self.step_api_under_load),
         ]
         if self.phase(1, memory):
