@@ -22,6 +22,8 @@ from bench import procs
 
 NOISE_UTIL = 0.10  # of one core
 STEAL_UTIL = 0.05
+MIN_NOISE_S = 0.03  # CPU seconds others must have used before a step counts as noisy
+SHORT_S = 0.5  # below this, a step's utilisation figures are tick noise
 
 
 def _self_cpu() -> float:
@@ -92,7 +94,8 @@ class Meter:
         steal = util("cpu", "steal")
         proxy_util = proxy / wall
         ours_on_load_core = (known - proxy) / wall  # backend, wrk and this process are pinned there
-        noisy = other > NOISE_UTIL or steal > STEAL_UTIL
+        # /proc counts in ticks (10 ms): a short step needs more than a tick or two to be noisy
+        noisy = (other > NOISE_UTIL and other * wall > MIN_NOISE_S) or steal > STEAL_UTIL
         if proxy_util > 0.9:
             bound = "proxy"
         elif ours_on_load_core > 0.85:
