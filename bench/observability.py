@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -74,7 +75,8 @@ def run_one(variant: Variant, backend: str, seconds: int, logdir: str) -> Result
     argv += ["--api-ip", "127.0.0.1", "--api-port", str(api), "--default-target", backend]
     if variant.metrics:
         argv += ["--metrics-ip", "127.0.0.1", "--metrics-port", str(mport)]
-    log = open(os.path.join(logdir, f"{variant.name}.log"), "a")  # noqa: SIM115
+    logname = "".join(c if c.isalnum() else "-" for c in variant.name) + ".log"
+    log = open(os.path.join(logdir, logname), "a")  # noqa: SIM115
     proc = subprocess.Popen(["taskset", "-c", "0", *argv], stdout=log, stderr=log, env=variant.env)
     stop = threading.Event()
     scraper = None
@@ -122,6 +124,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--baseline", help="src directory of a checkout without the metrics code")
     ap.add_argument("--chp", help="Node CHP's configurable-http-proxy binary")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the proxies' output")
     args = ap.parse_args()
 
     env = {**os.environ, "CONFIGPROXY_AUTH_TOKEN": "bench"}
@@ -166,7 +169,11 @@ def main() -> int:
         backend.send_signal(signal.SIGTERM)
         backend.wait(10)
 
-    print(f"\nmedians over {args.rounds} rounds, wrk -t1 -c50 -d{args.seconds}s (logs: {logdir})")
+    if args.keep_logs:
+        print(f"logs: {logdir}")
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)  # the access logs are large
+    print(f"\nmedians over {args.rounds} rounds, wrk -t1 -c50 -d{args.seconds}s")
     print("| variant | requests/s | p99 ms | proxy CPU per request (us) |")
     print("|---|---|---|---|")
     for name, rs in results.items():

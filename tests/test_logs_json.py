@@ -20,13 +20,7 @@ import pytest
 import websockets
 from aiohttp import web
 
-from hubproxy.logs import (
-    ACCESS_LOGGER_NAME,
-    LIBRARY_LOGGERS,
-    LOGGER_NAME,
-    access_logger,
-    setup_logging,
-)
+from hubproxy.logs import LIBRARY_LOGGERS, LOGGER_NAME, AccessLogWriter, setup_logging
 from support import TOKEN, Backend, Proxy, ProxyProcess, http_request, http_request_unix
 
 ACCESS = re.compile(
@@ -215,7 +209,7 @@ def test_every_line_is_a_json_object(backend: Backend) -> None:
 
 @pytest.fixture
 def restore_loggers() -> Iterator[None]:
-    names = (LOGGER_NAME, ACCESS_LOGGER_NAME, *LIBRARY_LOGGERS, "aiohttp.access")
+    names = (LOGGER_NAME, *LIBRARY_LOGGERS, "aiohttp.access")
     saved = {}
     for name in names:
         lg = logging.getLogger(name)
@@ -231,19 +225,42 @@ def restore_loggers() -> Iterator[None]:
 
 def _write(fmt: str, *args: Any) -> str:
     stream = io.StringIO()
-    setup_logging("error", fmt, stream)  # the access log shows whatever the level
-    access_logger(fmt)(*args)
+    AccessLogWriter(fmt, stream)(*args)  # no running loop: written at once
     return stream.getvalue()
 
 
-def test_access_logger_text(restore_loggers: None) -> None:
+async def test_access_lines_are_written_once_per_loop_iteration() -> None:
+    stream = io.StringIO()
+    writer = AccessLogWriter("text", stream)
+    for i in range(3):
+        writer(200, b"GET", b"/%d" % i, 0.001, 1, "http://t:1", b"127.0.0.1")
+    assert stream.getvalue() == ""
+    await asyncio.sleep(0)
+    assert [line.split(" info: ")[1][:6] for line in stream.getvalue().splitlines()] == [
+        "200 GE",
+    ] * 3
+    assert [line.split()[5] for line in stream.getvalue().splitlines()] == ["/0", "/1", "/2"]
+
+
+def test_access_line_looks_like_chps_lines() -> None:
+    line = _write("text", 200, b"GET", b"/x", 0.0, 1, None, b"::1").rstrip("\n")
+    assert re.match(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[ConfigProxy\] info: 200 GET /x ", line
+    )
+    tty_stream = io.StringIO()
+    tty_stream.isatty = lambda: True  # type: ignore[method-assign]
+    AccessLogWriter("text", tty_stream)(200, b"GET", b"/x", 0.0, 1, None, b"::1")
+    assert "] \x1b[32minfo\x1b[39m: 200 GET /x" in tty_stream.getvalue()
+
+
+def test_access_writer_text() -> None:
     out = _write("text", 502, b"PUT", b"/a%20b?x=1", 0.0123456, 77, "http://t:1", b"::1")
     assert out.endswith(" [ConfigProxy] info: 502 PUT /a%20b 12.35ms 77B -> http://t:1 from ::1\n")
     out = _write("text", 404, b"GET", b"/", 0.0, 9, None, b"undefined")
     assert out.endswith(" info: 404 GET / 0.00ms 9B -> - from -\n")
 
 
-def test_access_logger_json(restore_loggers: None) -> None:
+def test_access_writer_json() -> None:
     out = _write("json", 200, b"GET", b"/x?t=1", 0.0015, 10, "http://t:1", b"127.0.0.1")
     entry = json.loads(out)
     assert entry == {
@@ -274,3 +291,13 @@ def test_json_lines_carry_tracebacks_on_one_line(restore_loggers: None) -> None:
     entry = json.loads(line)
     assert entry["message"] == "Uncaught Exception: boom"
     assert entry["exception"].endswith("RuntimeError: boom")
+
+
+def test_access_json_is_what_json_dumps_writes() -> None:
+    raw_path = b'/a"b\\c\xc3\xa9\x7f'
+    out = _write("json", 201, b"PATCH", raw_path + b"?q", 0.5, 3, 'http://t:1/"x"', b"::1")
+    entry = json.loads(out)
+    assert out == json.dumps(entry, ensure_ascii=False) + "\n"
+    assert entry["path"] == raw_path.decode("latin-1")
+    assert entry["target"] == 'http://t:1/"x"'
+    assert entry["duration_ms"] == 500.0

@@ -339,12 +339,10 @@ def test_duration_buckets_are_upper_bounds() -> None:
     stats = ProxyStats()
     stats.observe_duration(200, DURATION_BUCKETS[0])  # le: on the bound counts in that bucket
     stats.observe_duration(404, 1e9)  # beyond every bound: +Inf
-    stats.observe_duration(999, 0.0)
-    stats.observe_duration(1000, 0.0)  # no such status class: class 0, not an IndexError
+    stats.observe_duration(999, 0.0)  # llhttp's largest status
     assert stats.duration_buckets[2][0] == 1
     assert stats.duration_buckets[4][-1] == 1
     assert stats.duration_buckets[9][0] == 1
-    assert stats.duration_buckets[0][0] == 1
 
 
 def test_one_lookup_in_n_is_timed(start_proxy: Callable[..., Proxy], backend: Backend) -> None:

@@ -16,7 +16,7 @@ from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
 from hubproxy.dashboard import dashboard_pages
 from hubproxy.listen import Bound, ListenError, bind_tcp, bind_unix, remove_unix_socket
-from hubproxy.logs import access_logger
+from hubproxy.logs import AccessLogWriter
 from hubproxy.metrics import Metrics, create_metrics_app
 from hubproxy.proxy import ProxyService
 from hubproxy.redirect import start_redirect
@@ -184,10 +184,12 @@ async def serve(config: Config) -> int:
 
     proxy = ProxyService(config, table)
     watcher = _watch_certificates(tls, proxy)
-    if config.access_log:
-        proxy.access_log = access_logger(config.log_format)
+    access_log = AccessLogWriter(config.log_format) if config.access_log else None
+    proxy.access_log = access_log
     api_stats = ApiStats()
     metrics = Metrics(proxy, api_stats, flusher)
+    if metrics_bound is not None:
+        proxy.stats.timing = True  # request durations and lookup times, for the metrics page
     api_app = create_api_app(config, store, flusher, api_stats, dashboard_pages(metrics))
     api_runner = web.AppRunner(api_app, handle_signals=False)
     metrics_runner: web.AppRunner | None = None
@@ -259,6 +261,8 @@ async def serve(config: Config) -> int:
             await redirect_runner.cleanup()
         if default_route is not None:
             default_route.cancel()
+        if access_log is not None:
+            access_log.flush()
         await flusher.stop()
         await store.close()
         for bound in (public, api, redirect, metrics_bound):

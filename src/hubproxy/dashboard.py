@@ -63,7 +63,7 @@ def stats(metrics: Metrics) -> dict[str, object]:
             "api": sum(api.requests_api.values()),
             "proxy": {str(status): n for status, n in sorted(proxy.stats.requests_proxy.items())},
         },
-        "durations": durations,
+        "durations": durations,  # since timing began (see ProxyStats.timing)
         "connections": {
             "clients": len(conns),
             "websockets": sum(1 for conn in conns if conn.tunnel),
@@ -90,6 +90,9 @@ def dashboard_pages(metrics: Metrics) -> dict[str, Page]:
         pages[path] = Page(serve, authenticated=False)
 
     async def serve_stats(request: web.Request) -> web.StreamResponse:
+        # response times are measured from now on (without a metrics listener, the data plane
+        # times requests only once someone is looking)
+        metrics.proxy.stats.timing = True
         return web.Response(
             body=json.dumps(stats(metrics), separators=(",", ":")).encode(),
             content_type="application/json",

@@ -2,11 +2,11 @@
 
 CHP always colours the level word; we colour it only when stdout is a terminal, so log files and
 JupyterHub's captured output stay clean. `--log-format json` writes one JSON object per line:
-`{"time": ..., "level": ..., "message": ...}` plus the record's `fields` (see `access_logger`),
+`{"time": ..., "level": ..., "message": ...}` plus the record's `fields` (a dict, if any),
 and `exception` with a traceback.
 
 `--access-log` (off by default, as CHP has none) adds one info line per request answered on the
-public listener (the health check excepted), from the `hubproxy.access` logger:
+public listener (the health check excepted), written by `AccessLogWriter`:
 
     200 GET /user/alice/lab 2.41ms 1024B -> http://127.0.0.1:8888 from 127.0.0.1
 
@@ -19,15 +19,14 @@ is off nothing is done per request but one attribute check.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from typing import TextIO
 
 LOGGER_NAME = "hubproxy"
-ACCESS_LOGGER_NAME = "hubproxy.access"
 
 # CHP (winston) level names as thresholds. winston orders them error < warn < info < http <
 # verbose < debug < silly; CHP logs nothing at http, verbose or silly, so `http` and `verbose` show
@@ -117,16 +116,42 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     logging.getLogger("aiohttp.access").disabled = True
 
 
-def access_logger(
-    fmt: str = "text",
-) -> Callable[[int, bytes, bytes, float, int, str | None, bytes], None]:
-    """The writer `--access-log` installs as `ProxyService.access_log` (see the module's doc)."""
-    logger = logging.getLogger(ACCESS_LOGGER_NAME)
-    logger.setLevel(logging.INFO)  # asked for by name: shown whatever --log-level says
-    info = logger.info
-    line = "%d %s %s %.2fms %dB -> %s from %s"
+# a JSON string literal, non-ASCII kept (as json.dumps(..., ensure_ascii=False) writes it)
+_quote = json.encoder.encode_basestring
 
-    def write_text(
+
+class AccessLogWriter:
+    """`--access-log`'s writer, installed as `ProxyService.access_log` (see the module's doc).
+
+    It formats its lines itself, in the same shapes as `ChpFormatter` and `JsonFormatter`, and
+    writes what one event-loop iteration produced with one write and one flush, without going
+    through `logging`: a log record, the handler's lock and a flush per line cost more than
+    proxying the request they describe. Lines show whatever `--log-level` says (asked for by
+    name). Without a running loop (tests), each line is written at once.
+    """
+
+    def __init__(self, fmt: str = "text", stream: TextIO | None = None) -> None:
+        self.json = fmt == "json"
+        self.stream = stream or sys.stdout
+        colour = not self.json and self.stream.isatty()
+        self.level = f"\x1b[{_COLOURS['info']}minfo\x1b[39m" if colour else "info"
+        self.pending: list[str] = []
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
+        self._second = -1
+        self._stamp = ""
+
+    def _now(self) -> str:
+        second, millis = divmod(round(time.time() * 1000), 1000)
+        if second != self._second:  # strftime once a second
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{millis:03d}Z"
+
+    def __call__(
+        self,
         status: int,
         method: bytes,
         url: bytes,
@@ -135,46 +160,38 @@ def access_logger(
         target: str | None,
         client: bytes,
     ) -> None:
-        info(
-            line,
-            status,
-            method.decode("latin-1"),
-            url.partition(b"?")[0].decode("latin-1"),
-            seconds * 1000,
-            sent,
-            target or "-",
-            "-" if client == b"undefined" else client.decode("latin-1"),
+        verb = method.decode("latin-1")
+        path = url.partition(b"?")[0].decode("latin-1")
+        address = None if client == b"undefined" else client.decode("latin-1")
+        message = (
+            f"{status} {verb} {path} {seconds * 1000:.2f}ms {sent}B "
+            f"-> {target or '-'} from {address or '-'}"
         )
+        if self.json:  # json.dumps of these fields, in this order, written out by hand (faster)
+            line = (
+                f'{{"time": "{self._now()}", "level": "info", "message": {_quote(message)}, '
+                f'"event": "access", "status": {status}, "method": {_quote(verb)}, '
+                f'"path": {_quote(path)}, "duration_ms": {round(seconds * 1000, 3)!r}, '
+                f'"bytes": {sent}, "target": {_quote(target) if target else "null"}, '
+                f'"client": {_quote(address) if address else "null"}}}'
+            )
+        else:
+            line = f"{self._now()} [ConfigProxy] {self.level}: {message}"
+        pending = self.pending
+        pending.append(line)
+        if len(pending) == 1:
+            if self.loop is None:
+                self.flush()
+            else:
+                self.loop.call_soon(self.flush)
 
-    def write_json(
-        status: int,
-        method: bytes,
-        url: bytes,
-        seconds: float,
-        sent: int,
-        target: str | None,
-        client: bytes,
-    ) -> None:
-        fields = {
-            "event": "access",
-            "status": status,
-            "method": method.decode("latin-1"),
-            "path": url.partition(b"?")[0].decode("latin-1"),
-            "duration_ms": round(seconds * 1000, 3),
-            "bytes": sent,
-            "target": target,
-            "client": None if client == b"undefined" else client.decode("latin-1"),
-        }
-        info(
-            line,
-            status,
-            fields["method"],
-            fields["path"],
-            seconds * 1000,
-            sent,
-            target or "-",
-            fields["client"] or "-",
-            extra={"fields": fields},
-        )
-
-    return write_json if fmt == "json" else write_text
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        text = "\n".join(self.pending) + "\n"
+        self.pending.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # stdout closed or gone: as logging, carry on
+            pass

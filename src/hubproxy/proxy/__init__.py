@@ -13,7 +13,7 @@ from typing import Any
 from hubproxy.config import Config
 from hubproxy.proxy.errors import ErrorPages
 from hubproxy.proxy.headers import ForwardRules
-from hubproxy.proxy.server import ClientConnection
+from hubproxy.proxy.server import DURATION_BUCKETS, ClientConnection
 from hubproxy.proxy.target import parse_target
 from hubproxy.proxy.upstream import Pool
 from hubproxy.routing import Route, RouteTable, split_segments
@@ -22,23 +22,23 @@ from hubproxy.tls import client_context
 log = logging.getLogger("hubproxy")
 
 # --access-log's writer: (status, method, request-target, seconds, bytes sent, route target or
-# None, client address); hubproxy.logs.access_logger builds it
+# None, client address); hubproxy.logs.AccessLogWriter is the one
 AccessLog = Callable[[int, bytes, bytes, float, int, str | None, bytes], None]
 
 UPSTREAM_IDLE_SECONDS = 30.0  # pooled connections unused this long are closed
 
 
-# Request durations: upper bounds (seconds) of the histogram's buckets; a last bucket is +Inf.
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOOKUP_SAMPLES = 1024  # the newest timed lookups kept for the quantiles
 
 
 class ProxyStats:
     """Plain numbers the hot path bumps; `hubproxy.metrics` reads them when scraped.
 
-    Nothing here allocates per request: a duration lands in a fixed bucket array, a timed
-    lookup overwrites a slot of a fixed ring, bytes are added to per-connection integers that
-    are folded in here when the connection closes.
+    Always kept: CHP's counters, and bytes (added to per-connection integers, folded in here
+    when the connection closes). Kept only while `timing` is on (a metrics listener exists, or
+    the dashboard has been opened), as they cost more per request: the request duration
+    histogram (a fixed array of buckets per status class) and one timed route lookup in
+    LOOKUP_SAMPLE_EVERY (a fixed ring of the newest).
     """
 
     __slots__ = (
@@ -53,9 +53,11 @@ class ProxyStats:
         "requests_proxy",
         "requests_web",
         "requests_ws",
+        "timing",
     )
 
     def __init__(self) -> None:
+        self.timing = False  # see the class's doc
         self.requests_web = 0
         self.requests_ws = 0
         self.requests_proxy: dict[int, int] = {}
@@ -71,7 +73,7 @@ class ProxyStats:
         self.bytes_sent = 0
 
     def observe_duration(self, status: int, seconds: float) -> None:
-        cls = status // 100 if 0 <= status < 1000 else 0
+        cls = status // 100  # llhttp refuses a status above 999; ours are 4xx and 5xx
         self.duration_buckets[cls][bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.duration_sums[cls] += seconds
 
@@ -107,7 +109,7 @@ class ProxyService:
             1, config.keep_alive_timeout // 1000
         )
         self.debug = log.isEnabledFor(logging.DEBUG)  # checked once: logging calls cost per request
-        # --access-log: called with each finished request (see hubproxy.logs.access_logger)
+        # --access-log: called with each finished request (see hubproxy.logs.AccessLogWriter)
         self.access_log: AccessLog | None = None
         self.connections: set[ClientConnection] = set()
         self.draining = False

@@ -23,6 +23,7 @@ import collections
 import logging
 import socket
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import httptools
@@ -48,6 +49,8 @@ log = logging.getLogger("hubproxy")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line plus headers; beyond it: 431
 LOOKUP_SAMPLE_EVERY = 16  # one route lookup in this many is timed (find_target_for_req)
+# request durations: upper bounds (seconds) of the histogram's buckets; a last bucket is +Inf
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 HEALTH_BODY = b'{"status":"OK"}'
 
 # reasons for not reading from the client
@@ -354,10 +357,11 @@ class ClientConnection(asyncio.Protocol):
         if url == b"/_chp_healthz":
             self._send_health(request)
             return
+        stats = service.stats
         if request.upgrade:
-            service.stats.requests_ws += 1
+            stats.requests_ws += 1
         else:
-            service.stats.requests_web += 1
+            stats.requests_web += 1
         try:
             path, query = split_target(url)
             key = decode_path(path)
@@ -370,14 +374,16 @@ class ClientConnection(asyncio.Protocol):
                     request.host = value
                     break
             key = host_key(request.host, key)
-        stats = service.stats
-        stats.lookups += 1
-        if stats.lookups % LOOKUP_SAMPLE_EVERY != 1:
+        if stats.timing:  # find_target_for_req: one lookup in LOOKUP_SAMPLE_EVERY is timed
+            stats.lookups = lookups = stats.lookups + 1
+            if lookups % LOOKUP_SAMPLE_EVERY == 1:
+                began = time.perf_counter()
+                route = service.table.lookup(key)
+                stats.observe_lookup(time.perf_counter() - began)
+            else:
+                route = service.table.lookup(key)
+        else:
             route = service.table.lookup(key)
-        else:  # find_target_for_req: one lookup in LOOKUP_SAMPLE_EVERY is timed
-            began = time.perf_counter()
-            route = service.table.lookup(key)
-            stats.observe_lookup(time.perf_counter() - began)
         if route is None:
             self.fail(request, 404, "Not Found")
             return
@@ -477,8 +483,14 @@ class ClientConnection(asyncio.Protocol):
         route = request.route
         if route is not None and status < 300:
             service.table.mark_active(route)
-        # last_io: when the response's last bytes were read (and written on)
-        service.stats.observe_duration(status, self.last_io - request.started)
+        stats = service.stats
+        if stats.timing:
+            # the duration histogram (ProxyStats.observe_duration, inlined: this runs per
+            # request); last_io: when the response's last bytes were read (and written on)
+            seconds = self.last_io - request.started
+            cls = status // 100  # llhttp refuses a status above 999
+            stats.duration_buckets[cls][bisect_left(DURATION_BUCKETS, seconds)] += 1
+            stats.duration_sums[cls] += seconds
         if service.access_log is not None:
             self._log_access(request, status, self.last_io)
         self._finish(request)
@@ -575,7 +587,8 @@ class ClientConnection(asyncio.Protocol):
         url = request.url.partition(b"?")[0].decode("latin-1")
         log.error("%d %s %s %s", status, request.method.decode(), url, detail)
         self.count_response(status)
-        service.stats.observe_duration(status, time.monotonic() - request.started)
+        if service.stats.timing:
+            service.stats.observe_duration(status, time.monotonic() - request.started)
         if request.upgrade:
             self._websocket_error(request, status, detail)
             return
