@@ -354,3 +354,22 @@ def test_one_lookup_in_n_is_timed(start_proxy: Callable[..., Proxy], backend: Ba
     page = scrape(proxy)
     assert page.get("requests_web") == LOOKUP_SAMPLE_EVERY + 1
     assert page.get("find_target_for_req_count") == 2
+
+
+def test_websocket_to_a_dead_target_is_logged_and_counted(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    proxy = start_proxy("--metrics-ip", "127.0.0.1", "--metrics-port", "0")
+    proxy.add_route("/ws", f"http://127.0.0.1:{dead_port()}")
+
+    async def refused() -> None:
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(f"ws://{proxy.host}:{proxy.port}/ws/x"):
+                pass
+        assert info.value.response.status_code == 503
+
+    asyncio.run(refused())
+    proxy.wait_for_line(r"error: 503 GET /ws/x connect ECONNREFUSED 127\.0\.0\.1:\d+$")
+    page = scrape(proxy)
+    assert page.get("requests_ws") == 1
+    assert page.get("requests_proxy", status="503") == 1

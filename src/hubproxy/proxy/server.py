@@ -575,10 +575,7 @@ class ClientConnection(asyncio.Protocol):
             except TargetError:
                 target = None
             detail = describe_error(exc, target) if target is not None else str(exc)
-        if request.websocket:
-            self._websocket_error(request, 503, detail)
-            return
-        self.fail(request, 503, detail)
+        self.fail(request, 503, detail)  # a WebSocket too: logged and counted, as in CHP
 
     # -- errors and the health check -------------------------------------------------------------
 

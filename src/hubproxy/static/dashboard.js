@@ -132,11 +132,12 @@
   function renderStats(stats) {
     const requests = stats.requests.web + stats.requests.ws;
     const errors = sumValues(stats.requests.proxy, (status) => Number(status) >= 500);
+    const clientErrors = sumValues(stats.requests.proxy, (s) => s >= 400 && s < 500);
     const finished = Object.values(stats.durations).reduce((t, d) => t + d.count, 0);
     const busy = Object.values(stats.durations).reduce((t, d) => t + d.seconds, 0);
     const moved = stats.bytes.received + stats.bytes.sent;
     $("s-requests").textContent = `${count(requests)} since start`;
-    $("s-error-total").textContent = `${count(errors)} since start`;
+    $("s-error-total").textContent = `${count(errors)} since start; ${count(clientErrors)} 4xx`;
     $("s-clients").textContent = count(stats.connections.clients);
     $("s-websockets").textContent = `${count(stats.connections.websockets)} WebSockets`;
     $("s-upstream").textContent = count(stats.connections.upstream_in_use);
