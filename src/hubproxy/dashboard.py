@@ -8,7 +8,9 @@ API's own token check (`Authorization: token <token>`; 403 without it). It build
 DOM text nodes only, so nothing in a route's data can inject markup.
 
 The paths are served by the API's dispatcher (`api.Page`): exact paths, GET (and HEAD) only;
-anything else keeps CHP's `404 Not Found`.
+anything else keeps CHP's `404 Not Found`. The first authenticated `stats.json` turns request
+timing on (`ProxyStats.timing`), so "mean response time" works without a metrics listener while
+a proxy nobody watches does not time its requests.
 """
 
 from __future__ import annotations

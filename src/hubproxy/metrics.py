@@ -18,6 +18,10 @@ Three groups, in this order on the page:
   lookup in 16 being timed; `last_activity_updating`: the newest 1,024 activity flushes).
 - hubproxy's own metrics (`hubproxy_*`), named the Prometheus way (`_total` on counters).
 
+The request duration histogram and the timed lookups cost the data plane more than a counter,
+so it keeps them only while `ProxyStats.timing` is on: from the start with a metrics listener
+(app.py), or from the dashboard's first look. docs/observability.md lists every metric.
+
 The exposition is the Prometheus text format 0.0.4, as CHP serves it.
 """
 
