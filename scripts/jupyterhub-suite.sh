@@ -13,8 +13,10 @@
 #   scripts/jupyterhub-suite.sh --subdomain test_proxy       # with subdomains (--host-routing)
 #
 # Environment: CHP_REF (default /work/chp-ref/node_modules/.bin) is where --node finds Node CHP;
-# JHSUITE_TIMEOUT (default 60) is pytest-timeout's per-test limit (one token-page test waits
-# forever when it fails); JHSUITE_JUNIT=<file> writes a JUnit XML report.
+# JHSUITE_TIMEOUT (default 120) is pytest-timeout's per-test limit, setup and teardown included
+# (a test that fails may wait forever; stopping a single-user server that ignores SIGINT takes
+# 30 to 60 s in test_singleuser's teardowns, so 60 s is too short); JHSUITE_JUNIT=<file> writes
+# a JUnit XML report.
 #
 # Needs: pip install -e '.[jupyterhub]' (jupyterhub[test], jupyter_server, ipykernel).
 # The subdomain tests need *.localhost.jovyan.org -> 127.0.0.1 from public DNS and skip without
@@ -35,7 +37,7 @@ while (($#)); do
         --all) modules=(ALL); shift ;;
         --subdomain) subdomain=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) modules+=("$1"); shift ;;
     esac
 done
@@ -100,4 +102,4 @@ fi
 cd "$work"
 export PYTHONPATH="$work:$here/jupyterhub_suite${PYTHONPATH:+:$PYTHONPATH}"
 "$python" -m pytest -c "$here/jupyterhub_suite/pytest.ini" --rootdir "$work" \
-    --timeout "${JHSUITE_TIMEOUT:-60}" "${junit[@]}" --pyargs "${targets[@]}" "${extra[@]}"
+    --timeout "${JHSUITE_TIMEOUT:-120}" "${junit[@]}" --pyargs "${targets[@]}" "${extra[@]}"
