@@ -37,7 +37,7 @@ while (($#)); do
         --all) modules=(ALL); shift ;;
         --subdomain) subdomain=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) modules+=("$1"); shift ;;
     esac
 done
