@@ -2,11 +2,14 @@
 
 Once through `c.ConfigurableHTTPProxy.command = [python, '-m', 'hubproxy']`, once through
 JupyterHub's default command, `configurable-http-proxy`, found on PATH (hubproxy's script first,
-Node's CHP nowhere before it). Each run: log in through the proxy, start a user's server, reach
-it through the proxy (browser session with the OAuth dance, and a token), run `1+1` on a kernel
-over its WebSocket, watch the route appear in `GET /api/routes` with JupyterHub's data, kill the
-server and get the hub's "server appears to be down" page (hubproxy's `--error-target`), see the
-route disappear when the hub stops the server, then stop the hub: the proxy process is gone.
+Node's CHP nowhere before it), and once more through the first with `c.JupyterHub.internal_ssl`
+(the API over TLS with client certificates, https to the servers and the error target).
+
+Each run: log in through the proxy, start a user's server, reach it through the proxy (browser
+session with the OAuth dance, and a token), run `1+1` on a kernel over its WebSocket, watch the
+route appear in `GET /api/routes` with JupyterHub's data, kill the server and get the hub's
+"server appears to be down" page (hubproxy's `--error-target`), see the route disappear when the
+hub stops the server, then stop the hub: the proxy process is gone.
 """
 
 from __future__ import annotations
