@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         help="measure a step again (at most N times) when other processes disturbed it",
     )
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md/.png")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 unless every proxy ran every step without error (CI's smoke)",
+    )
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="raw results folder")
     parser.add_argument(
@@ -126,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.write_docs:
         write_docs(results, args.docs_dir)
-    ran = [r for p in results["proxies"].values() for r in p["runs"] if r["ok"]]
-    return 0 if ran else 1
+    runs = [(name, r) for name, p in results["proxies"].items() for r in p["runs"]]
+    if args.strict:
+        bad = sorted({name for name, r in runs if not r["ok"] or r.get("errors")})
+        if bad:
+            print(f"--strict: failed or incomplete runs of {', '.join(bad)}", file=sys.stderr)
+            return 1
+    return 0 if any(r["ok"] for _, r in runs) else 1
 
 
 if __name__ == "__main__":
