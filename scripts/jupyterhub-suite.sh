@@ -23,6 +23,8 @@
 # JUPYTERHUB_TEST_SUBDOMAIN_HOST; --subdomain sets it (on a free port) and resolves those names to
 # 127.0.0.1 inside the test process (jupyterhub_suite/jhsuite_dns.py), so they run offline. The
 # browser tests are deselected (they need Playwright's own Firefox build, not on the registries).
+# The plugins in jupyterhub_suite/ add --allow-root to single-user servers when run as root, and
+# restore SIGINT when the run was started with it ignored (a background job of a script).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
