@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -293,8 +294,8 @@ class Backend:
             self._thread.join(10)
 
 
-def echo_app(name: str = "backend") -> web.Application:
-    """Answers every request with JSON describing what it received (CHP's test echo server)."""
+def echo_handler(name: str = "backend") -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler answering with JSON describing what it received (CHP's test echo server)."""
 
     async def echo(request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -311,6 +312,11 @@ def echo_app(name: str = "backend") -> web.Application:
             }
         )
 
+    return echo
+
+
+def echo_app(name: str = "backend") -> web.Application:
+    """Answers every request with JSON describing what it received (CHP's test echo server)."""
     app = web.Application(client_max_size=1024**3)
-    app.router.add_route("*", "/{tail:.*}", echo)
+    app.router.add_route("*", "/{tail:.*}", echo_handler(name))
     return app

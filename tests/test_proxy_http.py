@@ -21,7 +21,7 @@ from aiohttp import web
 
 from procs import ProxyCache
 from rawhttp import RawClient, RawServer, chunked, dead_port, read_request_head
-from support import Backend, Proxy
+from support import Backend, Proxy, echo_handler
 
 MiB = 1 << 20
 
@@ -35,20 +35,7 @@ StartBackend = Callable[..., Backend]
 def make_app(name: str = "backend") -> web.Application:
     """CHP's echo server plus handlers that stream, redirect, set cookies and so on."""
 
-    async def echo(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        return web.json_response(
-            {
-                "target": name,
-                "method": request.method,
-                "url": request.raw_path,
-                "headers": dict(request.headers),
-                "header_list": [
-                    [k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers
-                ],
-                "body_length": len(body),
-            }
-        )
+    echo = echo_handler(name)
 
     async def peer(request: web.Request) -> web.StreamResponse:
         port = request.transport.get_extra_info("peername")[1]  # type: ignore[union-attr]
