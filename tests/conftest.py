@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 
 import pytest
 from aiohttp import web
 
+from hubproxy.logs import LIBRARY_LOGGERS, LOGGER_NAME
 from support import TOKEN, Backend, Proxy, echo_app
 
 
@@ -58,3 +60,20 @@ def start_backend() -> Iterator[Callable[..., Backend]]:
 @pytest.fixture
 def backend(start_backend: Callable[..., Backend]) -> Backend:
     return start_backend()
+
+
+@pytest.fixture
+def restore_loggers() -> Iterator[None]:
+    """Put the loggers a test reconfigures (setup_logging) back as they were."""
+    names = (LOGGER_NAME, *LIBRARY_LOGGERS, "aiohttp.access")
+    saved = {}
+    for name in names:
+        lg = logging.getLogger(name)
+        saved[name] = (lg.handlers[:], lg.level, lg.propagate, lg.disabled)
+    yield
+    for name, (handlers, level, propagate, disabled) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+        lg.disabled = disabled

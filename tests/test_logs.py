@@ -8,13 +8,11 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from hubproxy.logs import (
     LEVELS,
-    LIBRARY_LOGGERS,
     LOGGER_NAME,
     ChpFormatter,
     JsonFormatter,
@@ -37,22 +35,6 @@ def record(level: int, msg: str, *args: object, exc_info: object = None) -> logg
 class TtyStream(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture
-def restore_loggers() -> Iterator[None]:
-    names = (LOGGER_NAME, *LIBRARY_LOGGERS, "aiohttp.access")
-    saved = {}
-    for name in names:
-        lg = logging.getLogger(name)
-        saved[name] = (lg.handlers[:], lg.level, lg.propagate, lg.disabled)
-    yield
-    for name, (handlers, level, propagate, disabled) in saved.items():
-        lg = logging.getLogger(name)
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
-        lg.disabled = disabled
 
 
 def test_line_format_matches_chp_example() -> None:

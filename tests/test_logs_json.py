@@ -11,16 +11,15 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import websockets
 from aiohttp import web
 
-from hubproxy.logs import LIBRARY_LOGGERS, LOGGER_NAME, AccessLogWriter, setup_logging
+from hubproxy.logs import LOGGER_NAME, AccessLogWriter, setup_logging
 from support import TOKEN, Backend, Proxy, ProxyProcess, http_request, http_request_unix
 
 ACCESS = re.compile(
@@ -205,22 +204,6 @@ def test_every_line_is_a_json_object(backend: Backend) -> None:
 
 
 # -- units -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_loggers() -> Iterator[None]:
-    names = (LOGGER_NAME, *LIBRARY_LOGGERS, "aiohttp.access")
-    saved = {}
-    for name in names:
-        lg = logging.getLogger(name)
-        saved[name] = (lg.handlers[:], lg.level, lg.propagate, lg.disabled)
-    yield
-    for name, (handlers, level, propagate, disabled) in saved.items():
-        lg = logging.getLogger(name)
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
-        lg.disabled = disabled
 
 
 def _write(fmt: str, *args: Any) -> str:
