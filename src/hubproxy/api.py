@@ -305,6 +305,42 @@ def _json_response(value: Any) -> web.Response:
     return web.Response(body=json_bytes(value), content_type="application/json")
 
 
+class RouteJsonCache:
+    """GET all's body, assembled from one serialised `"key":{data}` fragment per route.
+
+    A fragment is reused while its route is the same data object with the same last_activity
+    (the only value a store changes in place); the change feed drops replaced and removed
+    routes. Serialising 10,000 routes anew each time costs ~10-20 ms; reusing them, ~1 ms.
+    """
+
+    def __init__(self) -> None:
+        self._fragments: dict[str, tuple[Mapping[str, Any], Any, bytes]] = {}
+
+    def route_set(self, key: str, data: Mapping[str, Any]) -> None:
+        self._fragments.pop(key, None)
+
+    def route_removed(self, key: str) -> None:
+        self._fragments.pop(key, None)
+
+    def routes_reset(self, routes: Mapping[str, Mapping[str, Any]]) -> None:
+        self._fragments.clear()
+
+    def body(self, routes: Mapping[str, Mapping[str, Any]]) -> bytes:
+        fragments = self._fragments
+        parts = []
+        for key, data in routes.items():
+            activity = data.get("last_activity")
+            cached = fragments.get(key)
+            if cached is None or cached[0] is not data or cached[1] != activity:
+                cached = (data, activity, json_bytes(key) + b":" + json_bytes(data))
+                fragments[key] = cached
+            parts.append(cached[2])
+        if len(fragments) > len(routes):  # gone without a feed event (a store's own reload)
+            for key in [k for k in fragments if k not in routes]:
+                del fragments[key]
+        return b"{" + b",".join(parts) + b"}"
+
+
 async def _drop_default_content_type(request: web.Request, response: web.StreamResponse) -> None:
     if isinstance(response, _Bare):
         response.headers.popall("Content-Type", None)
@@ -330,6 +366,8 @@ class _RoutesApi:
         pages: Mapping[str, Page],
     ) -> None:
         self.store = store
+        self.route_json = RouteJsonCache()  # GET all's serialised routes
+        store.watch(self.route_json)
         self.flusher = flusher
         self.stats = stats
         self.pages = pages
@@ -441,7 +479,9 @@ class _RoutesApi:
                 if isinstance(activity := data.get("last_activity"), datetime)
                 and _epoch_ms(activity) < since
             }
-        response = _json_response(routes)
+        # a filtered view is serialised as it is; the cache keeps the whole table's fragments
+        body = self.route_json.body(routes) if since is None else json_bytes(routes)
+        response = web.Response(body=body, content_type="application/json")
         self.stats.api_route_get += 1
         return response
 

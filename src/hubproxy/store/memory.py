@@ -42,7 +42,9 @@ class MemoryStore:
         route = self._routes.get(key)
         if route is None:
             return
-        route.update(copy.deepcopy(data))
+        # a new dict, not an in-place merge: readers may hold the old one (and GET all's
+        # serialisation cache tells routes apart by identity); the key keeps its place
+        self._routes[key] = route = {**route, **copy.deepcopy(data)}
         if "target" in data:
             for listener in self._listeners:
                 listener.route_set(key, route)
