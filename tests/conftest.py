@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from hubproxy.logs import LIBRARY_LOGGERS, LOGGER_NAME
+from procs import ProxyCache
 from support import TOKEN, Backend, Proxy, echo_app
 
 
@@ -77,3 +78,14 @@ def restore_loggers() -> Iterator[None]:
         lg.setLevel(level)
         lg.propagate = propagate
         lg.disabled = disabled
+
+
+@pytest.fixture(scope="module")
+def proxies() -> Iterator[ProxyCache]:
+    """Proxies shared by one module's tests, one per set of flags; none may log a traceback."""
+    cache = ProxyCache()
+    yield cache
+    outputs = [p.output() for p in cache.all()]
+    cache.close()
+    for output in outputs:
+        assert "Traceback" not in output, output

@@ -84,17 +84,6 @@ def dead() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def proxies() -> Iterator[ProxyCache]:
-    """Proxies shared by this module's tests, one per set of flags; none may log a traceback."""
-    cache = ProxyCache()
-    yield cache
-    outputs = [p.output() for p in cache.all()]
-    cache.close()
-    for output in outputs:
-        assert "Traceback" not in output, output
-
-
-@pytest.fixture(scope="module")
 def error_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """§6.3 case 18's `test/error/`."""
     path = tmp_path_factory.mktemp("error")

@@ -144,17 +144,6 @@ def app_backend() -> Iterator[Backend]:
     backend.stop()
 
 
-@pytest.fixture(scope="module")
-def proxies() -> Iterator[ProxyCache]:
-    """Proxies shared by this module's tests, one per set of flags; none may log a traceback."""
-    cache = ProxyCache()
-    yield cache
-    outputs = [p.output() for p in cache.all()]
-    cache.close()
-    for output in outputs:
-        assert "Traceback" not in output, output
-
-
 @pytest.fixture
 def proxy(proxies: ProxyCache, app_backend: Backend) -> Proxy:
     """The shared proxy whose default target is `app_backend`."""

@@ -91,16 +91,6 @@ def recorder() -> Iterator[Recorder]:
     rec.backend.stop()
 
 
-@pytest.fixture(scope="module")
-def proxies() -> Iterator[ProxyCache]:
-    cache = ProxyCache()
-    yield cache
-    outputs = [p.output() for p in cache.all()]
-    cache.close()
-    for output in outputs:
-        assert "Traceback" not in output, output
-
-
 @pytest.fixture
 def proxy(proxies: ProxyCache, recorder: Recorder) -> Proxy:
     return proxies.get("--default-target", recorder.url)
