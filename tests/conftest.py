@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from hubproxy.logs import LIBRARY_LOGGERS, LOGGER_NAME
 from procs import ProxyCache
+from redis_server import RedisServer
 from support import TOKEN, Backend, Proxy, echo_app
 
 
@@ -89,3 +91,26 @@ def proxies() -> Iterator[ProxyCache]:
     cache.close()
     for output in outputs:
         assert "Traceback" not in output, output
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for a module's tests (each test keeps to its own key prefix)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Redis servers of a test's own, for tests that stop, restart or empty them."""
+    servers: list[RedisServer] = []
+
+    def make(persistent: bool = True, port: int | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", persistent=persistent, port=port)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

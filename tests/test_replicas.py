@@ -9,8 +9,7 @@ import http.client
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -20,30 +19,9 @@ from support import Backend, Proxy
 GENEROUS = 10.0  # seconds: what "eventually" means in these tests
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url("t" + uuid.uuid4().hex[:12])
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    servers: list[RedisServer] = []
-
-    def make(persistent: bool = True, port: int | None = None) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(servers)}", persistent=persistent, port=port)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 class Poller:

@@ -11,9 +11,8 @@ import signal
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -24,13 +23,6 @@ from hubproxy.store.redis import RedisStore, parse_redis_url, redact
 from redis_server import RedisServer, free_port, require_redis_server
 
 NOW = datetime(2026, 11, 26, 3, 19, 15, 214123, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -343,20 +335,6 @@ async def test_ten_thousand_routes(make_store: Callable[..., asyncio.Future[Redi
 
 
 # -- Redis going away -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    servers: list[RedisServer] = []
-
-    def make(persistent: bool = True, port: int | None = None) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(servers)}", persistent=persistent, port=port)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 async def test_redis_restarted(
