@@ -131,6 +131,9 @@ class ExternalProxy:
     hub_url: str  # e.g. http://127.0.0.1:8081
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    extra_args: list[str] = field(default_factory=list)  # appended to the command line
+    # an https API (--api-ssl-*): what `routes()` passes to requests, {"cert": ..., "verify": ...}
+    api_tls: dict[str, Any] | None = None
 
     @property
     def public_url(self) -> str:
@@ -138,7 +141,8 @@ class ExternalProxy:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        scheme = "https" if self.api_tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.api_port}"
 
     @property
     def log_path(self) -> Path:
@@ -158,6 +162,7 @@ class ExternalProxy:
                     "--default-target", self.hub_url,
                     "--error-target", self.hub_url + "/hub/error",
                     "--log-level", "info",
+                    *self.extra_args,
                 ],
                 env=env,
                 stdout=log,
@@ -183,6 +188,7 @@ class ExternalProxy:
             self.api_url + "/api/routes",
             headers={"Authorization": f"token {PROXY_TOKEN}"},
             timeout=5,
+            **(self.api_tls or {}),
         )
         resp.raise_for_status()
         return resp.json()
