@@ -11,6 +11,7 @@
 #   scripts/jupyterhub-suite.sh test_proxy -- -k external    # extra pytest arguments after --
 #   scripts/jupyterhub-suite.sh --node test_proxy            # the same against Node CHP
 #   scripts/jupyterhub-suite.sh --subdomain test_proxy       # with subdomains (--host-routing)
+#   scripts/jupyterhub-suite.sh --workers 2 test_proxy       # hubproxy run with --workers 2
 #
 # Environment: CHP_REF (default /work/chp-ref/node_modules/.bin) is where --node finds Node CHP;
 # JHSUITE_TIMEOUT (default 120) is pytest-timeout's per-test limit, setup and teardown included
@@ -33,11 +34,13 @@ proxy="hubproxy"
 modules=()
 extra=()
 subdomain=0
+workers=""
 while (($#)); do
     case "$1" in
         --node) proxy="node"; shift ;;
         --all) modules=(ALL); shift ;;
         --subdomain) subdomain=1; shift ;;
+        --workers) workers="$2"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) modules+=("$1"); shift ;;
@@ -84,6 +87,15 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+if [[ -n $workers ]]; then
+    [[ $proxy == hubproxy ]] || { echo "--workers is hubproxy's option, not Node CHP's" >&2; exit 2; }
+    # JupyterHub runs `configurable-http-proxy <its options>`: this one adds --workers
+    mkdir "$work/bin"
+    printf '#!/bin/sh\nexec %q --workers %q "$@"\n' "$found" "$workers" >"$work/bin/configurable-http-proxy"
+    chmod +x "$work/bin/configurable-http-proxy"
+    export PATH="$work/bin:$PATH"
+    echo "jupyterhub-suite: hubproxy with --workers $workers"
+fi
 targets=()
 for m in "${modules[@]}"; do
     if [[ $m == ALL ]]; then

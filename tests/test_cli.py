@@ -106,6 +106,7 @@ VALUE_OPTIONS: dict[str, tuple[str, str, Any]] = {
     "--storage-backend": ("memory", "storage_backend", "memory"),
     "--keep-alive-timeout": ("7000", "keep_alive_timeout", 7000),
     "--log-format": ("json", "log_format", "json"),
+    "--workers": ("4", "workers", 4),
 }
 
 # flag -> (Config field, value it sets)
@@ -678,7 +679,11 @@ def test_readme_lists_every_option_with_its_status() -> None:
     for option, cells in rows.items():
         status = cells[4]
         assert (status == "not yet") == (option in refused_whole), option
-        assert status in ("yes", "not yet") or option in ("--storage-backend", "--log-format")
+        assert status in ("yes", "not yet") or option in (
+            "--storage-backend",
+            "--log-format",
+            "--workers",
+        )
 
 
 def test_ci_script_runs_the_readme_test_command() -> None:
@@ -688,3 +693,8 @@ def test_ci_script_runs_the_readme_test_command() -> None:
     commands = [line for line in script.splitlines() if line and not line.startswith(("#", " "))]
     assert commands[-1] == 'python -m pytest "$@"'
     assert "python -m pip install -q -e '.[test]'" in commands
+
+
+def test_workers_auto_is_one_per_usable_core() -> None:
+    assert cfg("--workers", "auto").workers == len(os.sched_getaffinity(0))
+    assert cfg().workers == 1

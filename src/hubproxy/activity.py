@@ -4,6 +4,9 @@ The data plane only marks routes in memory (`RouteTable.mark_active`); this flus
 newest mark per route to the store at most once per interval, and on demand before the API reads
 the table, so `GET /api/routes` is always current without any request waiting on the store.
 
+With --workers, the marks are made in the worker processes: `gather` (the primary's
+`WorkerSet.refresh`) asks them for theirs, which land in this process's table, before each flush.
+
 A batch the store could not take is kept and merged into the next one (newest mark per route
 wins), so activity seen while a shared store (Redis) is away reaches it when it comes back. The
 marks kept are one per route at most. A store that is unavailable (`StoreUnavailable`) is not an
@@ -16,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from hubproxy.routing import RouteTable
@@ -35,12 +38,15 @@ class ActivityFlusher:
         self.on_flush: Callable[[float], None] | None = None  # metrics: each flush's seconds
         self._kept: dict[str, float] = {}  # marks of batches the store did not take
         self._unavailable = False  # the last flush met StoreUnavailable (logged once)
+        self.gather: Callable[[], Awaitable[None]] | None = None  # see the module's doc
 
     async def flush(self) -> None:
         """Write the new marks (and any kept ones); keep them if the store cannot take them.
 
         Raises what the store raised, except `StoreUnavailable`, which is logged once per outage.
         """
+        if self.gather is not None:
+            await self.gather()
         marks = self._table.take_activity()
         if self._kept:
             kept, self._kept = self._kept, {}

@@ -15,15 +15,23 @@ from hubproxy.activity import ActivityFlusher
 from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
 from hubproxy.dashboard import dashboard_pages
-from hubproxy.listen import Bound, ListenError, bind_tcp, bind_unix, remove_unix_socket
-from hubproxy.logs import AccessLogWriter
-from hubproxy.metrics import Metrics, create_metrics_app
-from hubproxy.proxy import ProxyService
+from hubproxy.dataplane import DataPlane
+from hubproxy.eventloop import log_uncaught, loop_factory
+from hubproxy.listen import (
+    Bound,
+    ListenError,
+    bind_tcp,
+    bind_tcp_group,
+    bind_unix,
+    remove_unix_socket,
+)
+from hubproxy.metrics import DataPlaneView, Metrics, create_metrics_app
 from hubproxy.redirect import start_redirect
 from hubproxy.routing import RouteTable
 from hubproxy.store import RouteStore, StoreSpecError, StoreUnavailable, open_store
-from hubproxy.tls import CertificateWatcher, TLSContexts, TLSError, ineffective_options
+from hubproxy.tls import CertificateWatcher, TLSError, ineffective_options
 from hubproxy.tls import build as build_tls
+from hubproxy.workers.supervisor import SyncedStore, WorkerSet, WorkerStartError
 
 log = logging.getLogger("hubproxy")
 
@@ -33,23 +41,20 @@ DRAIN_SECONDS = 1.0
 
 def run(config: Config) -> int:
     """Run the proxy until SIGTERM or SIGINT; the process's exit code."""
-    loop_factory = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # uvloop is not available everywhere (Windows)
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(config))
 
 
-def _bind(config: Config) -> tuple[Bound, Bound, Bound | None, Bound | None]:
+def _bind(config: Config) -> tuple[list[Bound], Bound, Bound | None, Bound | None]:
+    """The public listener (with --workers N over TCP: N sockets sharing the port), the API's,
+    the redirect's and the metrics' listeners."""
     if config.socket:
-        public = bind_unix(config.socket, "proxy")
+        publics = [bind_unix(config.socket, "proxy")]
+    elif config.workers > 1:
+        publics = bind_tcp_group(config.ip, config.port, "proxy", config.workers)
     else:
-        public = bind_tcp(config.ip, config.port, "proxy")
-    bound = [public]
+        publics = [bind_tcp(config.ip, config.port, "proxy")]
+    bound = list(publics)
     try:
         if config.api_socket:
             api = bind_unix(config.api_socket, "API")
@@ -68,7 +73,7 @@ def _bind(config: Config) -> tuple[Bound, Bound, Bound | None, Bound | None]:
             b.sock.close()
             remove_unix_socket(b)
         raise
-    return public, api, redirect, metrics
+    return publics, api, redirect, metrics
 
 
 def _bind_metrics(config: Config) -> Bound | None:
@@ -112,24 +117,12 @@ async def _retry_default_route(store: RouteStore, target: str, error: StoreUnava
         return
 
 
-def _log_uncaught(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-    """Whatever escapes a callback is logged in CHP's words; the proxy carries on."""
-    exc = context.get("exception")
-    message = context.get("message", "")
-    if isinstance(exc, BaseException):
-        log.error("Uncaught Exception: %s", exc or message, exc_info=exc)
-    else:
-        log.error("Uncaught Exception: %s", message)
-
-
-def _watch_certificates(tls: TLSContexts, proxy: ProxyService) -> CertificateWatcher | None:
-    """Hand the client context to the data plane, now and after each reload; watch the files."""
-    if tls.client is not None:
-        proxy.set_client_ssl(tls.client.current)
-        tls.client.on_reload = proxy.set_client_ssl
-    if not tls.sides:
-        return None  # without TLS, SIGHUP keeps its default meaning (terminate), as in CHP
-    return CertificateWatcher(tls.sides)
+def _reload(watcher: CertificateWatcher | None, workers: WorkerSet | None) -> None:
+    """SIGHUP: reload this process's certificates, and have each worker reload its own."""
+    if watcher is not None:
+        watcher.reload_all()
+    if workers is not None:
+        workers.reload_tls()
 
 
 async def serve(config: Config) -> int:
@@ -141,7 +134,7 @@ async def serve(config: Config) -> int:
         stop_reason.append(reason)
         stop.set()
 
-    loop.set_exception_handler(_log_uncaught)
+    loop.set_exception_handler(log_uncaught)
     loop.add_signal_handler(signal.SIGTERM, request_stop, "Terminated")
     loop.add_signal_handler(signal.SIGINT, request_stop, "Interrupted")
 
@@ -176,24 +169,35 @@ async def serve(config: Config) -> int:
     flusher = ActivityFlusher(table, store)
 
     try:
-        public, api, redirect, metrics_bound = _bind(config)
+        publics, api, redirect, metrics_bound = _bind(config)
     except ListenError as e:
         log.error("%s", e)
         await store.close()
         return 1
+    public = publics[0]
 
-    proxy = ProxyService(config, table)
-    watcher = _watch_certificates(tls, proxy)
-    access_log = AccessLogWriter(config.log_format) if config.access_log else None
-    proxy.access_log = access_log
+    # the data plane: in this process, or in worker processes fed by this one
+    plane: DataPlane | None = None
+    workers: WorkerSet | None = None
+    view: DataPlaneView
+    api_store: RouteStore = store
+    if config.workers > 1:
+        workers = WorkerSet(config, table, config.workers, [b.sock for b in publics])
+        store.watch(workers)
+        api_store = SyncedStore(store, workers)  # a write is answered once workers serve it
+        flusher.gather = workers.refresh
+        view = workers
+        # this process reloads the API's certificate; each worker its own sides
+        watcher = CertificateWatcher([tls.api]) if tls.api is not None else None
+    else:
+        plane = DataPlane(config, table, tls)
+        view = plane.proxy
+        watcher = CertificateWatcher(tls.sides) if tls.sides else None
     api_stats = ApiStats()
-    metrics = Metrics(proxy, api_stats, flusher)
-    if metrics_bound is not None:
-        proxy.stats.timing = True  # request durations and lookup times, for the metrics page
-    api_app = create_api_app(config, store, flusher, api_stats, dashboard_pages(metrics))
+    metrics = Metrics(view, api_stats, flusher, workers.collector() if workers else None)
+    api_app = create_api_app(config, api_store, flusher, api_stats, dashboard_pages(metrics))
     api_runner = web.AppRunner(api_app, handle_signals=False)
     metrics_runner: web.AppRunner | None = None
-    public_server: asyncio.Server | None = None
     redirect_runner: web.BaseRunner | None = None
     pid_written = False
     default_route: asyncio.Task[None] | None = None
@@ -205,11 +209,15 @@ async def serve(config: Config) -> int:
                 default_route = loop.create_task(
                     _retry_default_route(store, config.default_target, e)
                 )
-        public_server = await loop.create_server(
-            proxy.protocol_factory,
-            sock=public.sock,
-            ssl=tls.public.listening if tls.public else None,
-        )
+        if workers is not None:
+            try:
+                await workers.start()
+            except WorkerStartError as e:
+                log.error("%s", e)
+                return 1
+        else:
+            assert plane is not None
+            await plane.start(public.sock)
         await api_runner.setup()
         api_ssl = tls.api.listening if tls.api else None
         await web.SockSite(api_runner, api.sock, ssl_context=api_ssl).start()
@@ -223,12 +231,15 @@ async def serve(config: Config) -> int:
             assert redirect_to is not None
             redirect_runner = await start_redirect(redirect.sock, redirect_to)
         flusher.start()
+        if tls.sides:  # without TLS, SIGHUP keeps its default meaning (terminate), as in CHP
+            loop.add_signal_handler(signal.SIGHUP, _reload, watcher, workers)
         if watcher is not None:
             watcher.start()
-            loop.add_signal_handler(signal.SIGHUP, watcher.reload_all)
 
         public_url = public.url("https" if tls.public else "http")
         log.info("Proxying %s to %s", public_url, config.default_target or "(no default)")
+        if workers is not None:
+            log.info("Serving with %d worker processes (pids %s)", config.workers, workers.pids())
         log.info("Proxy API at %s/api/routes", api.url("https" if tls.api else "http"))
         if metrics_bound is not None:
             log.info("Serve metrics at %s/metrics", metrics_bound.url("http"))
@@ -248,12 +259,16 @@ async def serve(config: Config) -> int:
         await stop.wait()
         log.warning("%s", stop_reason[0])
     finally:
-        if public_server is not None:
-            public_server.close()  # stop accepting; connections carry on while they drain
-        if watcher is not None:
+        if plane is not None:
+            plane.stop_accepting()
+        if tls.sides:
             loop.remove_signal_handler(signal.SIGHUP)
+        if watcher is not None:
             await watcher.stop()
-        await proxy.drain(DRAIN_SECONDS)
+        if workers is not None:
+            await workers.stop(DRAIN_SECONDS)
+        if plane is not None:
+            await plane.stop(DRAIN_SECONDS)
         await api_runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
@@ -261,11 +276,9 @@ async def serve(config: Config) -> int:
             await redirect_runner.cleanup()
         if default_route is not None:
             default_route.cancel()
-        if access_log is not None:
-            access_log.flush()
         await flusher.stop()
         await store.close()
-        for bound in (public, api, redirect, metrics_bound):
+        for bound in (*publics, api, redirect, metrics_bound):
             if bound is None:
                 continue
             bound.sock.close()

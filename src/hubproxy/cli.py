@@ -48,6 +48,7 @@ LOG_FORMATS = ("text", "json")
 
 MAX_PORT = 65535
 MAX_MILLISECONDS = 2**31 - 1  # Node's (and so CHP's) largest timer
+MAX_WORKERS = 256
 
 ENV_TOKEN = "CONFIGPROXY_AUTH_TOKEN"
 ENV_TOKEN_FILE = "CONFIGPROXY_AUTH_TOKEN_FILE"
@@ -243,6 +244,11 @@ def _build_parser(prog: str) -> _Parser:
         "hubproxy: log line format, text (CHP's lines) or json (default: text)",
     )
     flag("--access-log", "hubproxy: log every proxied request at info level")
+    value(
+        "--workers",
+        "<n>",
+        "hubproxy: data-plane processes, or 'auto' for one per available core (default: 1)",
+    )
     p.add_argument("-h", "--help", action="help", help="display help for command")
     FLAGS["-h"] = FLAGS["--help"] = "-h, --help"
 
@@ -340,6 +346,16 @@ def _path(name: str, value: str | None) -> str | None:
     if value == "":
         raise _invalid(name, value, "Expected a path.")
     return value
+
+
+def _workers(value: str | None) -> int:
+    if value is None:
+        return 1
+    if value == "auto":  # the cores this process may run on (taskset, cgroups' cpusets)
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
+    return _integer("--workers", value, 1, MAX_WORKERS, f"'auto' or 1 to {MAX_WORKERS}")
 
 
 def parse_custom_header(value: str) -> tuple[str, str]:
@@ -502,6 +518,7 @@ def parse(
         storage_backend=ns.get("storage_backend"),
         log_format=log_format,
         access_log=ns.get("access_log", False),
+        workers=_workers(ns.get("workers")),
     )
 
 

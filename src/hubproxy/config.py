@@ -84,6 +84,7 @@ class Config:
     # our own additions
     log_format: str = "text"  # "text" (CHP's lines) or "json"
     access_log: bool = False
+    workers: int = 1  # data-plane processes; 1 = the data plane runs in the only process
 
     @property
     def effective_api_port(self) -> int:

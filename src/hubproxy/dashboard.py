@@ -46,7 +46,7 @@ _SECURITY_HEADERS = {
 def stats(metrics: Metrics) -> dict[str, object]:
     """The numbers the page shows beside the routes (counters; the page computes rates)."""
     proxy, api = metrics.proxy, metrics.api
-    conns = list(proxy.connections)
+    clients, tunnels = proxy.connection_counts()
     in_use, idle = proxy.upstream_connections()
     received, sent = proxy.client_bytes()
     durations = {
@@ -67,8 +67,8 @@ def stats(metrics: Metrics) -> dict[str, object]:
         },
         "durations": durations,  # since timing began (see ProxyStats.timing)
         "connections": {
-            "clients": len(conns),
-            "websockets": sum(1 for conn in conns if conn.tunnel),
+            "clients": clients,
+            "websockets": tunnels,
             "upstream_in_use": in_use,
             "upstream_idle": idle,
         },
@@ -94,7 +94,8 @@ def dashboard_pages(metrics: Metrics) -> dict[str, Page]:
     async def serve_stats(request: web.Request) -> web.StreamResponse:
         # response times are measured from now on (without a metrics listener, the data plane
         # times requests only once someone is looking)
-        metrics.proxy.stats.timing = True
+        metrics.proxy.start_timing()
+        await metrics.proxy.refresh()
         return web.Response(
             body=json.dumps(stats(metrics), separators=(",", ":")).encode(),
             content_type="application/json",

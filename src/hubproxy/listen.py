@@ -78,7 +78,7 @@ def _resolve(host: str | None, port: int) -> tuple[socket.AddressFamily, str, bo
     return socket.AddressFamily(family), str(sockaddr[0]), False
 
 
-def bind_tcp(host: str | None, port: int, what: str) -> Bound:
+def bind_tcp(host: str | None, port: int, what: str, reuse_port: bool = False) -> Bound:
     try:
         family, address, dual_stack = _resolve(host, port)
     except ListenError as e:
@@ -86,6 +86,8 @@ def bind_tcp(host: str | None, port: int, what: str) -> Bound:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind((address, port))
@@ -96,6 +98,28 @@ def bind_tcp(host: str | None, port: int, what: str) -> Bound:
         raise ListenError(f"{what}: cannot listen on {shown}:{port}: {e.strerror}") from e
     sock.setblocking(False)
     return Bound(sock)
+
+
+def bind_tcp_group(host: str | None, port: int, what: str, count: int) -> list[Bound]:
+    """`count` listening sockets on one address (SO_REUSEPORT): the kernel spreads incoming
+    connections over their accept queues, one per worker process. Port 0: the OS picks the
+    first socket's port, the others take the same."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ListenError(f"{what}: --workers needs SO_REUSEPORT, which this system lacks")
+    if port:
+        # Another process's SO_REUSEPORT listener would let us join its group and share its
+        # connections without a word: a plain bind first fails on any listener, as CHP's does.
+        bind_tcp(host, port, what).sock.close()
+    group = [bind_tcp(host, port, what, reuse_port=True)]
+    try:
+        port = group[0].port or port
+        while len(group) < count:
+            group.append(bind_tcp(host, port, what, reuse_port=True))
+    except ListenError:
+        for bound in group:
+            bound.sock.close()
+        raise
+    return group
 
 
 def bind_unix(path: str, what: str) -> Bound:

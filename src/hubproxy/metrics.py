@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -52,11 +53,34 @@ from prometheus_client.utils import floatToGoString
 from hubproxy import __version__
 from hubproxy.activity import ActivityFlusher
 from hubproxy.api import ApiStats
-from hubproxy.proxy import DURATION_BUCKETS, ProxyService
+from hubproxy.proxy import DURATION_BUCKETS, ProxyStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 QUANTILES = (0.01, 0.05, 0.5, 0.9, 0.95, 0.99, 0.999)  # prom-client's default, CHP's
 FLUSH_SAMPLES = 1024
+
+
+class DataPlaneView(Protocol):
+    """What the metrics page and the dashboard read of the data plane: this process's
+    `ProxyService`, or with --workers the primary's `WorkerSet`, which adds up its workers'."""
+
+    @property
+    def stats(self) -> ProxyStats: ...
+
+    @property
+    def table(self) -> Sized: ...
+
+    async def refresh(self) -> None:
+        """Make the numbers current (workers are asked for theirs)."""
+
+    def start_timing(self) -> None:
+        """Keep request durations and lookup times from now on (see ProxyStats.timing)."""
+
+    def connection_counts(self) -> tuple[int, int]: ...
+
+    def upstream_connections(self) -> tuple[int, int]: ...
+
+    def client_bytes(self) -> tuple[int, int]: ...
 
 
 def quantile(ordered: list[float], q: float) -> float:
@@ -133,7 +157,7 @@ def _exposition(metrics: Iterable[Metric]) -> str:
 class ChpCollector(Collector):
     """CHP's nine metrics (spec §3.12), read from the counters the proxy and the API keep."""
 
-    def __init__(self, proxy: ProxyService, api: ApiStats, flushes: Samples) -> None:
+    def __init__(self, proxy: DataPlaneView, api: ApiStats, flushes: Samples) -> None:
         self.proxy = proxy
         self.api = api
         self.flushes = flushes
@@ -173,7 +197,7 @@ class ChpCollector(Collector):
 class HubproxyCollector(Collector):
     """What CHP does not measure: durations, connections, bytes, routes, activity flushes."""
 
-    def __init__(self, proxy: ProxyService, flusher: ActivityFlusher) -> None:
+    def __init__(self, proxy: DataPlaneView, flusher: ActivityFlusher) -> None:
         self.proxy = proxy
         self.flusher = flusher
 
@@ -207,12 +231,11 @@ class HubproxyCollector(Collector):
             durations.add_metric([f"{cls}xx"], cumulative, stats.duration_sums[cls])
         yield durations
 
-        conns = list(proxy.connections)
-        tunnels = sum(1 for conn in conns if conn.tunnel)
+        clients, tunnels = proxy.connection_counts()
         yield GaugeMetricFamily(
             "hubproxy_client_connections",
             "Open client connections on the public listener (WebSockets included)",
-            len(conns),
+            clients,
         )
         yield GaugeMetricFamily("hubproxy_websockets", "Open WebSocket tunnels", tunnels)
         in_use, idle = proxy.upstream_connections()
@@ -247,7 +270,13 @@ class HubproxyCollector(Collector):
 class Metrics:
     """Everything the metrics page and the dashboard read, and the page itself."""
 
-    def __init__(self, proxy: ProxyService, api: ApiStats, flusher: ActivityFlusher) -> None:
+    def __init__(
+        self,
+        proxy: DataPlaneView,
+        api: ApiStats,
+        flusher: ActivityFlusher,
+        extra: Collector | None = None,
+    ) -> None:
         self.proxy = proxy
         self.api = api
         self.flusher = flusher
@@ -260,6 +289,8 @@ class Metrics:
         self.chp = ChpCollector(proxy, api, self.flushes)
         self.own = CollectorRegistry(auto_describe=False)
         self.own.register(HubproxyCollector(proxy, flusher))
+        if extra is not None:  # with --workers: the workers' own gauges and counters
+            self.own.register(extra)
 
     def render(self) -> bytes:
         """The whole page in the text format."""
@@ -290,6 +321,7 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
     async def handle(request: web.Request, handler: object) -> web.StreamResponse:
         if request.raw_path != "/metrics":
             return _Bare(status=404, body=b"Not Found")
+        await metrics.proxy.refresh()
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application(middlewares=[handle])

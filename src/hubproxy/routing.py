@@ -175,6 +175,13 @@ class RouteTable:
 
     # -- activity --------------------------------------------------------------------------------
 
+    def merge_activity(self, marks: Mapping[str, float]) -> None:
+        """Take another table's `take_activity()` (a worker's): each route keeps the newer mark."""
+        for key, when in marks.items():
+            route = self._routes.get(key)
+            if route is not None and when > route.active_at:
+                self.mark_active(route, when)
+
     def take_activity(self) -> dict[str, float]:
         """The newest activity per store key since the last call, and forget it."""
         if not self._dirty:

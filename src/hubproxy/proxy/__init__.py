@@ -83,6 +83,45 @@ class ProxyStats:
         self.lookup_timed = timed + 1
         self.lookup_seconds += seconds
 
+    # -- across processes (--workers): a worker sends its numbers, the primary adds them up ------
+
+    def counters(self) -> dict[str, Any]:
+        """The counters as plain data (lists and dicts copied), for another process."""
+        return {
+            "requests_web": self.requests_web,
+            "requests_ws": self.requests_ws,
+            "requests_proxy": dict(self.requests_proxy),
+            "duration_buckets": [list(b) for b in self.duration_buckets],
+            "duration_sums": list(self.duration_sums),
+            "lookups": self.lookups,
+            "lookup_timed": self.lookup_timed,
+            "lookup_seconds": self.lookup_seconds,
+            "lookup_ring": self.lookup_ring[: min(self.lookup_timed, LOOKUP_SAMPLES)],
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+        }
+
+    def add(self, counters: dict[str, Any]) -> None:
+        """Add another process's `counters()` to these (the lookup samples are pooled)."""
+        self.requests_web += counters["requests_web"]
+        self.requests_ws += counters["requests_ws"]
+        for status, n in counters["requests_proxy"].items():
+            self.requests_proxy[status] = self.requests_proxy.get(status, 0) + n
+        for mine, theirs in zip(self.duration_buckets, counters["duration_buckets"], strict=True):
+            for i, n in enumerate(theirs):
+                mine[i] += n
+        for cls, seconds in enumerate(counters["duration_sums"]):
+            self.duration_sums[cls] += seconds
+        self.lookups += counters["lookups"]
+        # quantiles are read over lookup_ring[:min(lookup_timed, len(lookup_ring))]: keep the
+        # pooled samples at the front and the ring as long as the samples
+        pooled = self.lookup_ring[: min(self.lookup_timed, len(self.lookup_ring))]
+        self.lookup_ring = pooled + list(counters["lookup_ring"])
+        self.lookup_timed += counters["lookup_timed"]
+        self.lookup_seconds += counters["lookup_seconds"]
+        self.bytes_received += counters["bytes_received"]
+        self.bytes_sent += counters["bytes_sent"]
+
 
 class ProxyService:
     """Everything the connections of the public listener share."""
@@ -159,7 +198,18 @@ class ProxyService:
         if not task.cancelled() and task.exception() is not None:
             log.error("Uncaught Exception: %s", task.exception(), exc_info=task.exception())
 
-    # -- read by the metrics page and the dashboard ---------------------------------------------
+    # -- read by the metrics page and the dashboard (hubproxy.metrics.DataPlaneView) ------------
+
+    async def refresh(self) -> None:
+        """Nothing to gather: this process's numbers are current (see workers.WorkerSet)."""
+
+    def start_timing(self) -> None:
+        self.stats.timing = True
+
+    def connection_counts(self) -> tuple[int, int]:
+        """(open client connections, of which WebSocket tunnels) on the public listener."""
+        conns = list(self.connections)
+        return len(conns), sum(1 for conn in conns if conn.tunnel)
 
     def upstream_connections(self) -> tuple[int, int]:
         """(lent to a request, idle in a pool) connections to targets; tunnels not counted."""
