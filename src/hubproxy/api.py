@@ -397,6 +397,9 @@ class _RoutesApi:
         log.log(level, "%s %s %s %s", status, method.upper(), log_path, message)
         return response
 
+    async def unreachable(self, request: web.Request) -> web.StreamResponse:
+        raise AssertionError("the middleware answers every request")
+
     async def dispatch(self, request: web.Request, method: str) -> web.StreamResponse:
         path_only = request_path(request.raw_path)
         match = _API_PATH.match(path_only)
@@ -524,6 +527,9 @@ def create_api_app(
     stats = stats if stats is not None else ApiStats()
     api = _RoutesApi(config, store, flusher, stats, pages or {})
     app = web.Application(middlewares=[api.handle], client_max_size=MAX_BODY)
+    # `api.handle` answers every request itself; this route only lets aiohttp resolve a path
+    # without building a 404 exception first (~10 us of each API request)
+    app.router.add_route("*", "/{tail:.*}", api.unreachable)
     app[API_STATS] = stats
     app.on_response_prepare.append(_drop_default_content_type)
     return app

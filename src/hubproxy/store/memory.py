@@ -7,11 +7,10 @@ which callers only read (see the protocol).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from hubproxy.store.base import ChangeListener, RouteData
+from hubproxy.store.base import ChangeListener, RouteData, copy_data
 
 
 class MemoryStore:
@@ -34,7 +33,7 @@ class MemoryStore:
         return dict(self._routes)
 
     async def add(self, key: str, data: RouteData) -> None:
-        self._routes[key] = copy.deepcopy(data)
+        self._routes[key] = copy_data(data)
         for listener in self._listeners:
             listener.route_set(key, self._routes[key])
 
@@ -44,7 +43,7 @@ class MemoryStore:
             return
         # a new dict, not an in-place merge: readers may hold the old one (and GET all's
         # serialisation cache tells routes apart by identity); the key keeps its place
-        self._routes[key] = route = {**route, **copy.deepcopy(data)}
+        self._routes[key] = route = {**route, **copy_data(data)}
         if "target" in data:
             for listener in self._listeners:
                 listener.route_set(key, route)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import secrets
@@ -63,6 +62,7 @@ from hubproxy.store.base import (
     RouteData,
     StoreSpecError,
     StoreUnavailable,
+    copy_data,
     from_micros,
     to_micros,
 )
@@ -337,7 +337,7 @@ class RedisStore:
         await self._settle_own(int(version), "set", key, text, activity)
 
     async def update(self, key: str, data: RouteData) -> None:
-        changes = copy.deepcopy(dict(data))
+        changes = copy_data(dict(data))
         activity = changes.pop("last_activity", None)
         if not isinstance(activity, datetime):
             if activity is not None:

@@ -33,7 +33,6 @@ upsert preserves (re-adding a key keeps its place, spec §2.3).
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import queue
@@ -48,6 +47,7 @@ from hubproxy.store.base import (
     RouteData,
     StoreSpecError,
     StoreUnavailable,
+    copy_data,
     from_micros,
     to_micros,
 )
@@ -160,7 +160,7 @@ class SQLiteStore:
 
     async def update(self, key: str, data: RouteData) -> None:
         key.encode("utf-8")
-        await self._write(_update, (key, copy.deepcopy(dict(data))))
+        await self._write(_update, (key, copy_data(dict(data))))
 
     async def remove(self, key: str) -> bool:
         key.encode("utf-8")
