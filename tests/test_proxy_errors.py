@@ -245,7 +245,11 @@ def test_error_target_down_falls_back_to_plain(proxies: ProxyCache, dead: str) -
         status, headers, body = get(proxy, "/dead/x")
     assert (status, body) == (503, b"Service Unavailable")
     assert "Content-Type" not in headers
-    assert "Failed to get custom error page" in proxy.output()
+    # Node's words, as in CHP's line
+    error_port = dead.rsplit(":", 1)[1]
+    assert f"Failed to get custom error page: connect ECONNREFUSED 127.0.0.1:{error_port}" in (
+        proxy.output()
+    )
 
 
 @pytest.mark.parametrize("pages", ["built-in", "error-target"])

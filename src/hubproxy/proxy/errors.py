@@ -8,6 +8,7 @@ from `--error-path` (our built-in pages by default), else the plain reason phras
 from __future__ import annotations
 
 import contextlib
+import errno
 import http
 import logging
 import pathlib
@@ -102,7 +103,7 @@ class ErrorPages:
                 ]
                 return ErrorBody(headers, body)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TargetError) as e:
-            log.error("Failed to get custom error page: %s", e or type(e).__name__)
+            log.error("Failed to get custom error page: %s", _describe(e))
             return ErrorBody([], reason(code))
 
     def set_client_ssl(self, context: ssl.SSLContext) -> None:
@@ -136,3 +137,12 @@ def _with_query(url: str, request_url: str) -> str:
     query = urllib.parse.urlencode({"url": request_url})
     query = parts.query + "&" + query if parts.query else query
     return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _describe(error: BaseException) -> str:
+    """Node's words for a refused connection (`connect ECONNREFUSED 127.0.0.1:8081`, as in
+    CHP's line); aiohttp's own text shows its SSL context's repr."""
+    if isinstance(error, aiohttp.ClientConnectorError) and error.os_error.errno:
+        name = errno.errorcode.get(error.os_error.errno, str(error.os_error.errno))
+        return f"connect {name} {error.host}:{error.port}"
+    return str(error) or type(error).__name__
