@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import deps, report
-from bench.config import MODES, REPO, RESULTS, known_proxies, mode_for, parse_extra
+from bench.config import MODES, REPO, RESULTS, known_floors, known_proxies, mode_for, parse_extra
 from bench.runner import run_all
 
 EPILOG = """modes:
   (default)  full: 3 runs per proxy, 10 s per load step, 10,000 routes (about 70 s a run)
   --quick    1 run, 3 s per step, 2,000 routes: under 2 minutes for two proxies
   --smoke    1 run, 1 s steps, tiny counts: proves the harness runs end to end (CI)
+Each mode ends the first run of each proxy with a soak (full: 1,000,000 requests and 100,000
+WebSocket opens/closes; quick: 100,000 and 5,000) and measures byte-relay floors (--floors).
 
 Raw results go to bench/results/<time>-<mode>.json; docs/benchmarks.md and .png are written
 only with --write-docs. A proxy that does not start is reported as failed; the others go on.
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--quick", action="store_true", help="1 run, short steps")
     speed.add_argument("--smoke", action="store_true", help="seconds, tiny counts (CI)")
     parser.add_argument("--runs", type=int, help="runs per proxy (median of them)")
+    parser.add_argument(
+        "--floors",
+        metavar="LIST",
+        help="byte relays measured as a floor (keepalive and websocket only), from "
+        f"{', '.join(known_floors())}, or 'none'; default: c-relay,socat (smoke: c-relay)",
+    )
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -114,11 +122,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown proxy {unknown}; choose from {', '.join(available)}")
     mode = mode_for("smoke" if args.smoke else "quick" if args.quick else "full", args.runs)
     assert mode.name in MODES
+    floor_names = list(mode.floors) if args.floors is None else [
+        n.strip() for n in args.floors.split(",") if n.strip() and n.strip() != "none"
+    ]  # fmt: skip
+    floors_known = known_floors()
+    if [n for n in floor_names if n not in floors_known]:
+        parser.error(f"unknown floor in {args.floors!r}; choose from {', '.join(floors_known)}")
 
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     specs = [available[n] for n in names]
-    results = run_all(specs, mode, command.strip(), args.out, args.wait_quiet, args.retry_noisy)
+    results = run_all(
+        specs,
+        mode,
+        command.strip(),
+        args.out,
+        args.wait_quiet,
+        args.retry_noisy,
+        [floors_known[n] for n in floor_names],
+    )
     results["elapsed_s"] = time.perf_counter() - t0
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         write_docs(results, args.docs_dir)
     runs = [(name, r) for name, p in results["proxies"].items() for r in p["runs"]]
     if args.strict:
-        bad = sorted({name for name, r in runs if not r["ok"] or r.get("errors")})
+        floor_runs = [(f"floor {n}", r) for n, f in results["floors"].items() for r in f["runs"]]
+        bad = sorted({name for name, r in runs + floor_runs if not r["ok"] or r.get("errors")})
         if bad:
             print(f"--strict: failed or incomplete runs of {', '.join(bad)}", file=sys.stderr)
             return 1

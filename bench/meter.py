@@ -40,6 +40,7 @@ def _children_cpu() -> float:
 class Snapshot:
     t: float
     proxy: float
+    proxy_sys: float  # of ``proxy``, system (kernel) time
     backend: float
     own: float
     reaped: float
@@ -50,6 +51,7 @@ class Snapshot:
 class StepStats:
     wall_s: float
     proxy_cpu_s: float
+    proxy_sys_s: float  # of proxy_cpu_s, in the kernel (system calls, loopback TCP, softirq)
     proxy_util: float
     backend_util: float
     proxy_core_util: float
@@ -72,9 +74,12 @@ class Meter:
         self.load_core = f"cpu{load_core}"
 
     def snap(self) -> Snapshot:
+        t = time.perf_counter()
+        user, system = procs.tree_cpu_split(self.proxy_pid)
         return Snapshot(
-            t=time.perf_counter(),
-            proxy=procs.tree_cpu_seconds(self.proxy_pid),
+            t=t,
+            proxy=user + system,
+            proxy_sys=system,
             backend=procs.tree_cpu_seconds(self.backend_pid),
             own=_self_cpu(),
             reaped=_children_cpu(),
@@ -105,6 +110,7 @@ class Meter:
         return StepStats(
             wall_s=wall,
             proxy_cpu_s=proxy,
+            proxy_sys_s=b.proxy_sys - a.proxy_sys,
             proxy_util=proxy_util,
             backend_util=backend / wall,
             proxy_core_util=util(self.proxy_core, "busy"),

@@ -40,9 +40,17 @@ def start_time(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads, living and dead)."""
-    fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of one process (all its threads, living and dead), plus cutime + cstime:
+    the CPU of its children that exited and were reaped (socat forks one per connection; a
+    proxy's worker may be restarted). A child still alive (or a zombie) is not in cutime yet and
+    is counted by ``tree`` instead, so nothing is counted twice."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of ``cpu_seconds``: utime + cutime, stime + cstime."""
+    f = _stat_fields(pid)
+    return (int(f[11]) + int(f[13])) / CLK_TCK, (int(f[12]) + int(f[14])) / CLK_TCK
 
 
 def children(pid: int) -> list[int]:
@@ -66,11 +74,17 @@ def tree(pid: int) -> list[int]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    total = 0.0
+    return sum(tree_cpu_split(pid))
+
+
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``'s process tree, reaped children included."""
+    user = system = 0.0
     for p in tree(pid):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            total += cpu_seconds(p)
-    return total
+            u, s = cpu_split(p)
+            user, system = user + u, system + s
+    return user, system
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -87,6 +101,51 @@ def tree_mib(pid: int, field: str = "VmRSS") -> float:
         with contextlib.suppress(OSError, ValueError):
             total += status_kib(p, field)
     return total / 1024
+
+
+def _tcp_sockets() -> dict[int, tuple[int, int, str]]:
+    """inode -> (local port, remote port, state) for every TCP socket, from /proc/net/tcp{,6}."""
+    out: dict[int, tuple[int, int, str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                inode = int(f[9])
+                if inode:
+                    local, remote = f[1].rsplit(":", 1)[1], f[2].rsplit(":", 1)[1]
+                    out[inode] = (int(local, 16), int(remote, 16), f[3])
+    return out
+
+
+def tree_fds(pid: int, upstream_port: int) -> dict[str, int]:
+    """Open fds of ``pid``'s process tree: ``total``, and of them TCP ``listen`` sockets,
+    ``upstream`` connections (to ``upstream_port``: pooled keep-alive or WebSocket tunnels),
+    ``client`` connections (any other TCP: clients and API callers), ``other`` (files, pipes,
+    epoll, eventfd, unix sockets)."""
+    sockets: list[int] = []
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{p}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd.path)
+                    total += 1
+                    if link.startswith("socket:["):
+                        sockets.append(int(link[8:-1]))
+    counts = {"total": total, "listen": 0, "upstream": 0, "client": 0, "other": 0}
+    tcp = _tcp_sockets() if sockets else {}
+    for inode in sockets:
+        _, remote, state = tcp.get(inode, (0, 0, ""))
+        if not state:
+            counts["other"] += 1
+        elif state == "0A":
+            counts["listen"] += 1
+        elif remote == upstream_port:
+            counts["upstream"] += 1
+        else:
+            counts["client"] += 1
+    counts["other"] += total - len(sockets)
+    return counts
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ from typing import Any
 from bench.meter import SHORT_S
 
 BASELINE = "chp"
+# soak: RSS after may exceed the baseline by less than this share of it (see bench/README.md).
+# At full counts that catches a leak of more than ~4 bytes per request (hubproxy, ~45 MiB) or
+# ~10 (Node CHP, ~110 MiB). A runtime's heap noise grows with its heap: right after load, Node
+# CHP's RSS was -2.6 to +9.1 MiB off a baseline read the same way, and hubproxy's 0 to +2 MiB.
+SOAK_RSS_PCT = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,12 @@ METRICS = [
     _m("api_load_p99_ms", "  p99", "ms", "api_under_load", Target(A, "<", 100)),
     _m("api_load_max_ms", "  max", "ms", "api_under_load"),
     _m("api_load_dp_rps", "  data plane meanwhile", "req/s", "api_under_load"),
+    _m("soak_s", "soak: {sr} requests + {sw} WebSocket opens/closes", "s", "soak"),
+    _m("soak_fds_leaked", "  fds not back to baseline", "", "", Target(A, "<=", 0)),
+    _m(
+        "soak_rss_growth_pct", "  RSS growth (details: Soak)", "%", "", Target(A, "<", SOAK_RSS_PCT)
+    ),
+    _m("soak_errors", "  errors", "", "", Target(A, "<=", 0)),
     _m("startup_s", "start to listening", "s", ""),
     _m("wrk_errors", "wrk socket errors, all steps", "", "", Target(A, "<=", 0)),
     _m("wrk_non_2xx", "wrk non-2xx answers, all steps", "", "", Target(A, "<=", 0)),
@@ -87,6 +98,7 @@ CHART = [
 ]  # fmt: skip
 STEPS = [
     "keepalive", "api_add", "routes", "api_get_all", "close", "big", "websocket", "api_under_load",
+    "soak",
 ]  # fmt: skip
 
 
@@ -106,9 +118,10 @@ def pool(many: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("name", "routes", "duration", "idle_ws"):
             if other["mode"][key] != first["mode"][key]:
                 raise ValueError(f"cannot pool results of different modes ({key} differs)")
-        for name, data in other["proxies"].items():
-            first["proxies"].setdefault(name, {"command": data["command"], "runs": []})
-            first["proxies"][name]["runs"] += data["runs"]
+        for group in ("proxies", "floors"):
+            for name, data in other.get(group, {}).items():
+                first.setdefault(group, {}).setdefault(name, {**data, "runs": []})
+                first[group][name]["runs"] += data["runs"]
     if len(many) > 1:
         first["started"] = f"{many[0]['started']} to {many[-1]['started']}"
         first["mode"]["runs"] = max(len(d["runs"]) for d in first["proxies"].values())
@@ -154,6 +167,8 @@ def label_args(mode: dict[str, Any]) -> dict[str, str]:
         "w": f"{mode['idle_ws']:,}",
         "c": str(mode["conns"]),
         "s": str(mode["ws_sockets"]),
+        "sr": f"{mode.get('soak_requests', 0):,}",
+        "sw": f"{mode.get('soak_ws', 0):,}",
     }
 
 
@@ -190,7 +205,9 @@ def bottleneck_table(results: dict[str, Any]) -> str:
     head = ["proxy", "step", "proxy CPU", "load side CPU", "of it backend", "load core busy"]
     head += ["others' CPU", "bound"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, data in results["proxies"].items():
+    groups = list(results["proxies"].items())
+    groups += [(f"floor: {n}", d) for n, d in results.get("floors", {}).items()]
+    for name, data in groups:
         for step in STEPS:
             got = [r["steps"][step] for r in data["runs"] if step in r["steps"]]
             if not got:
@@ -212,9 +229,105 @@ def bottleneck_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _soak_cell(runs: list[dict[str, Any]]) -> list[str] | None:
+    got = [r for r in runs if "soak" in r["steps"] and "soak_fds_leaked" in r["metrics"]]
+    if not got:
+        return None
+    st, m = got[0]["steps"]["soak"], got[0]["metrics"]
+    base, after = st["fds_base"], st["fds_after"]
+    fds_ok = m["soak_fds_leaked"] <= 0
+    rss_ok = m["soak_rss_growth_pct"] < SOAK_RSS_PCT
+    return [
+        f"{st['requests']:,} in {st['requests_s']:.0f} s",
+        f"{st['ws_cycles']:,} in {st['ws_s']:.0f} s",
+        f"{int(m['soak_errors']):,}",
+        f"{base['total']} → {after['total']} (to backend {base['upstream']} → {after['upstream']})",
+        f"{st['settle_s']:.2f} s",
+        f"{m['soak_rss_base_mib']:.1f} → {m['soak_rss_after_mib']:.1f} "
+        f"({m['soak_rss_delta_mib']:+.1f}, {m['soak_rss_growth_pct']:+.1f}%)",
+        ("yes" if fds_ok and rss_ok else "NO")
+        + ("" if fds_ok else ": fds")
+        + ("" if rss_ok else ": RSS"),
+    ]
+
+
+def soak_table(results: dict[str, Any]) -> str:
+    """design §4 soak row, per proxy (first run only): the work, fds and RSS before and after."""
+    head = ["proxy", "keep-alive requests", "WebSocket cycles", "errors", "open fds"]
+    head += ["fds back after", "RSS MiB", "back to baseline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, data in results["proxies"].items():
+        row = _soak_cell(data["runs"])
+        if row:
+            lines.append("| " + " | ".join([name, *row]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+FLOOR_ROWS = [
+    ("ka_rps", "small, keep-alive, {c} conns", "req/s"),
+    ("ka_cpu_us", "  CPU per request", "us"),
+    ("ka_sys_us", "  of it in the kernel", "us"),
+    ("ws_msgps", "WebSocket echo, {s} sockets", "msg/s"),
+    ("ws_cpu_us", "  CPU per message", "us"),
+    ("ws_sys_us", "  of it in the kernel", "us"),
+]
+
+
+def floor_table(results: dict[str, Any]) -> str:
+    """Byte relays (no HTTP work) beside the proxies, same run, same steps: the floor."""
+    floors = {n: d for n, d in results.get("floors", {}).items() if d["runs"]}
+    if not floors:
+        return ""
+    cols = [*(f"floor: {n}" for n in floors), *results["proxies"]]
+    groups = [*floors.values(), *results["proxies"].values()]
+    lines = ["| measure | unit | " + " | ".join(cols) + " |", "|" + "---|" * (2 + len(cols))]
+    for key, label, unit in FLOOR_ROWS:
+        m = Metric(key, label, unit, "keepalive" if key.startswith("ka") else "websocket")
+        sums = [summarize(g["runs"], m) for g in groups]
+        label = label.format(**label_args(results["mode"])).replace("  ", "&nbsp;&nbsp;")
+        lines.append(f"| {label} | {unit} | " + " | ".join(cell(x) for x in sums) + " |")
+    return "\n".join(lines)
+
+
+def floor_notes(results: dict[str, Any]) -> list[str]:
+    """What the floor says about the CPU-per-unit targets, in numbers."""
+    floors = results.get("floors", {})
+    relay = next((n for n in ("c-relay", "socat") if floors.get(n, {}).get("runs")), None)
+    if relay is None:
+        return []
+    out = []
+    for key, what, target in (
+        ("ws_cpu_us", "a WebSocket message", "WebSocket"),
+        ("ka_cpu_us", "a keep-alive request", "keep-alive"),
+    ):
+        step = "websocket" if key.startswith("ws") else "keepalive"
+        m = Metric(key, "", "", step)
+        floor = summarize(floors[relay]["runs"], m)
+        kernel = summarize(floors[relay]["runs"], Metric(key.replace("cpu", "sys"), "", "", step))
+        chp = summarize(results["proxies"].get(BASELINE, {"runs": []})["runs"], m)
+        if not floor or not chp:
+            continue
+        text = (
+            f"{target} target (<= 0.5x CHP's CPU per unit): {0.5 * chp.median:.1f} us for "
+            f"{what}; {relay} spends {floor.median:.1f} us"
+            + (f" ({kernel.median:.1f} in the kernel)" if kernel else "")
+            + f", {floor.median / chp.median:.2f}x CHP"
+        )
+        for name, data in results["proxies"].items():
+            mine = summarize(data["runs"], m)
+            if name != BASELINE and mine:
+                text += f", {name} {mine.median:.1f} us ({mine.median / floor.median:.2f}x {relay})"
+        out.append(text + ".")
+    return out
+
+
 def failures(results: dict[str, Any]) -> list[str]:
     out = []
-    for name, data in results["proxies"].items():
+    groups = list(results["proxies"].items())
+    groups += [(f"floor {n}", d) for n, d in results.get("floors", {}).items()]
+    for name, data in groups:
+        if data.get("skipped"):
+            out.append(f"{name}: skipped: {data['skipped']}")
         for i, run in enumerate(data["runs"]):
             if run["error"]:
                 lines = run["error"].splitlines()
@@ -230,6 +343,13 @@ def console(results: dict[str, Any]) -> str:
     parts = [table(results), "", "median of the runs whose step was quiet; * = noisy in all runs"]
     parts += [""]
     parts += [bottleneck_table(results)]
+    soak = soak_table(results)
+    if soak:
+        parts += ["", f"Soak (RSS may grow less than {SOAK_RSS_PCT:g}%):", soak]
+    floor = floor_table(results)
+    if floor:
+        parts += ["", "Byte-relay floor (no HTTP work; not a competitor):", floor]
+        parts += floor_notes(results)
     fails = failures(results)
     if fails:
         parts += ["", "Failures:", *(f"- {f}" for f in fails)]
@@ -277,6 +397,49 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "",
         bottleneck_table(results),
         "",
+    ]
+    soak = soak_table(results)
+    if soak:
+        lines += [
+            "## Soak",
+            "",
+            f"First run only, last step of the load process: at least {mode['soak_requests']:,} "
+            f"small keep-alive requests (wrk, {mode['conns']} connections, run again until the "
+            f"count is reached), then {mode['soak_ws']:,} WebSocket open/close cycles "
+            f"({mode['soak_ws_sockets']} at a time; half closed by the client, half by a close "
+            "frame the backend answers by hanging up). The baseline is read after a warm-up doing "
+            "the same on a smaller scale, once the proxy has no client connection and its fds "
+            "are steady; "
+            "afterwards the fds are polled until back. Open fds are /proc/PID/fd of the process "
+            "tree; connections to the backend may stay up to the load's concurrency (an idle "
+            "keep-alive pool is reused, not leaked), anything else must be back exactly. "
+            f"RSS must grow by less than {SOAK_RSS_PCT:g}% of the baseline (a heap's noise "
+            "grows with the heap; at full counts this still catches a leak of a few bytes per "
+            "request).",
+            "",
+            soak,
+            "",
+        ]
+    floor = floor_table(results)
+    if floor:
+        lines += [
+            "## Byte-relay floor",
+            "",
+            "What relaying the same bytes costs on this machine with no HTTP or WebSocket work "
+            "at all: a relay in front of the backend, pinned to the proxy's core, measured by "
+            "the same keep-alive and WebSocket echo steps in the same run. Not a competitor: a "
+            "floor. `c-relay` is `bench/relay.c` (one thread, epoll, one read() and one write() "
+            "per event, TCP_NODELAY); `socat` forks a process per connection (their CPU counts: "
+            "the process tree's, reaped children included). On loopback the kernel's receive "
+            "path of the far end runs in the sender's system call, so most of this is kernel "
+            "time any proxy pays.",
+            "",
+            floor,
+            "",
+            *(f"- {n}" for n in floor_notes(results)),
+            "",
+        ]
+    lines += [
         "## Method",
         "",
         "- The proxy runs alone on core 0 (`taskset -c 0`); the backend (uvloop + httptools, "
@@ -296,7 +459,8 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "- API add: sequential POSTs over one keep-alive connection. GET all: median of several. "
         "Under load: alternate POST/DELETE of a route, each on a fresh connection every 20 ms, "
         "while wrk saturates the data plane.",
-        "- CPU per unit = proxy utime+stime from /proc/PID/stat (whole process tree) over the "
+        "- CPU per unit = proxy utime+stime from /proc/PID/stat (whole process tree, reaped "
+        "children included) over the "
         "step, divided by requests, MiB or messages.",
     ]
     if fails:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import deps, procs
-from bench.config import CHP_BIN, REPO, Mode, ProxySpec
+from bench.config import CHP_BIN, REPO, Mode, ProxySpec, RelaySpec
 from bench.meter import NOISE_UTIL, quiet_check
-from bench.steps import Bench, Run
+from bench.steps import Bench, FloorRun, Run
 
 
 def _cmd_output(argv: list[str], env: dict[str, str] | None = None) -> str:
@@ -76,6 +76,7 @@ def run_all(
     out_dir: Path,
     quiet_wait: float = 0.0,
     retries: int = 0,
+    floors: list[RelaySpec] | None = None,
 ) -> dict[str, Any]:
     raise_fd_limit()
     cores = sorted(os.sched_getaffinity(0))
@@ -89,6 +90,14 @@ def run_all(
         raise SystemExit("wrk is not installed and could not be installed")
     if any(s.name == "chp" for s in specs) and not deps.ensure_chp():
         print("warning: Node CHP could not be installed; it will fail to start", flush=True)
+
+    floor_skipped: dict[str, str] = {}
+    for floor in floors or []:
+        why = deps.ensure_floor(floor.name)
+        if why:
+            floor_skipped[floor.name] = why
+            print(f"warning: floor {floor.name} skipped: {why}", flush=True)
+    floors = [f for f in floors or [] if f.name not in floor_skipped]
 
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     logs = out_dir / "logs" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -106,6 +115,9 @@ def run_all(
         "background_cpu_at_start": background,
         "logs": str(logs),
         "proxies": {s.name: {"command": [*s.argv], "runs": []} for s in specs},
+        # byte relays, not competitors: only the keepalive and websocket steps
+        "floors": {f.name: {"command": [*f.argv], "runs": []} for f in floors}
+        | {name: {"skipped": why, "runs": []} for name, why in floor_skipped.items()},
     }
     backend_port = procs.free_port()
     backend = procs.Managed(
@@ -125,6 +137,16 @@ def run_all(
                 run = Run(spec, bench, i + 1, quiet_wait=quiet_wait, retries=retries)
                 run.execute()
                 results["proxies"][spec.name]["runs"].append(run.as_dict())
+                status = run.error.splitlines()[0] if run.error else "ok"
+                if run.errors:
+                    status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
+                print(f"{status} [{time.perf_counter() - t0:.0f} s]", flush=True)
+            for floor in floors:
+                t0 = time.perf_counter()
+                print(f"[run {i + 1}/{mode.runs}] floor {floor.name} ...", end=" ", flush=True)
+                run = FloorRun(floor, bench, i + 1)
+                run.execute()
+                results["floors"][floor.name]["runs"].append(run.as_dict())
                 status = run.error.splitlines()[0] if run.error else "ok"
                 if run.errors:
                     status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"

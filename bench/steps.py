@@ -4,8 +4,12 @@ Order matters and is the same for every proxy. A first process: idle RSS, idle W
 second, fresh one (a heap grown by thousands of sockets would slow the rest): small keep-alive,
 API add, small keep-alive again with the big table (right after the first, so that the two
 differ by the table alone: Node slows down as its heap grows), API GET all, new connection per
-request, 1 MiB (peak RSS is read right after it), WebSocket echo, API latency under load.
+request, 1 MiB (peak RSS is read right after it), WebSocket echo, API latency under load, and
+in the first run only, the soak (many requests and WebSocket cycles; fds and RSS must come back).
 A step that fails is recorded with its error and the run goes on with the next one.
+
+A byte-relay floor (``FloorRun``: socat, bench/relay.c) runs only the steps a relay can serve
+(keep-alive and WebSocket echo): what forwarding bytes costs here with no HTTP work.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import api, procs, wrk, wsload
-from bench.config import Mode, ProxySpec
+from bench.config import Mode, ProxySpec, RelaySpec
 from bench.meter import Meter, StepStats, wait_quiet
 
 T = TypeVar("T")
@@ -129,6 +133,8 @@ class Run:
             ("websocket", self.step_websocket),
             ("api_under_load", self.step_api_under_load),
         ]
+        if self.index == 1:  # long: once per proxy; last, on a process every step has warmed
+            load.append(("soak", self.step_soak))
         if self.phase(1, memory):
             self.phase(2, load)
 
@@ -216,6 +222,7 @@ class Run:
             "ka_p50_ms": res.p50_ms or 0.0,
             "ka_p99_ms": res.p99_ms or 0.0,
             "ka_cpu_us": st.proxy_cpu_s / res.requests * 1e6,
+            "ka_sys_us": st.proxy_sys_s / res.requests * 1e6,
         }
 
     def step_close(self) -> None:
@@ -291,6 +298,7 @@ class Run:
             self.metrics |= {
                 "ws_msgps": done / elapsed,
                 "ws_cpu_us": stats.proxy_cpu_s / done * 1e6,
+                "ws_sys_us": stats.proxy_sys_s / done * 1e6,
             }
         finally:
             wsload.close_all(clients)
@@ -388,6 +396,153 @@ class Run:
             "api_load_errors": float(errors),
             "api_load_dp_rps": res.rps,
         }
+
+    # -- soak ----------------------------------------------------------------------------------
+    def fds(self) -> dict[str, int]:
+        assert self.proxy is not None
+        return procs.tree_fds(self.proxy.pid, self.bench.backend_port)
+
+    def wait_fds(
+        self, done: Callable[[dict[str, int], dict[str, int] | None], bool], timeout: float
+    ) -> tuple[dict[str, int], float, bool]:
+        """Poll the proxy's fds (every 50 ms, for at most ``timeout`` s) until
+        ``done(now, previous sample)``; returns (last sample, seconds waited, whether done)."""
+        start = time.perf_counter()
+        prev: dict[str, int] | None = None
+        while True:
+            now = self.fds()
+            if done(now, prev):
+                return now, time.perf_counter() - start, True
+            if time.perf_counter() - start > timeout:
+                return now, time.perf_counter() - start, False
+            prev = now
+            time.sleep(0.05)
+
+    def soak_leaked(self, base: dict[str, int], now: dict[str, int]) -> int:
+        """fds the soak left behind: any fd beyond the baseline's, except that connections to
+        the backend may stay up to ``conns`` (an idle keep-alive pool after load at that
+        concurrency: reused, closed by the pool's idle timer, not a leak)."""
+        pool = max(base["upstream"], self.mode.conns)
+        fixed = now["total"] - now["upstream"] - (base["total"] - base["upstream"])
+        return max(0, fixed) + max(0, now["upstream"] - pool)
+
+    def step_soak(self) -> None:
+        """design §4 soak: fds and RSS at a baseline (warm process, quiet), then at least
+        soak_requests keep-alive requests and soak_ws WebSocket open/close cycles; then poll
+        until the fds are back (or settle_timeout) and read fds and RSS again."""
+        mode = self.mode
+        # warm-up doing what the soak does, in the same order, so that the runtime's heap sizing
+        # (V8 grows its young generation under load) is in the same state at both readings
+        if mode.soak_warmup > 0:
+            argv = wrk.command(
+                self.url("small"), self.bench.load_core, mode.conns, mode.soak_warmup
+            )
+            wrk.run(argv, mode.soak_warmup)
+        self._run_async(self._churn(max(100, mode.soak_ws // 20), 30.0))
+        base, _, quiet = self.wait_fds(
+            lambda now, prev: now["client"] == 0 and now == prev, mode.settle_timeout
+        )
+        rss_base = self.rss()
+        if not quiet:
+            raise RuntimeError(f"fds did not settle before the soak: {base}")
+        ws_result: list[tuple[int, int, str]] = []
+
+        def work() -> wrk.Budget:
+            budget = wrk.run_budget(
+                self.url("small"), self.bench.load_core, mode.conns, mode.soak_requests,
+                mode.soak_timeout,
+            )  # fmt: skip
+            self._run_async(self._churn(mode.soak_ws, mode.soak_timeout, ws_result))
+            return budget
+
+        budget, st = self.measured("soak", work)
+        cycles, ws_errors, first_error = ws_result[0]
+        after, settle_s, _ = self.wait_fds(
+            lambda now, _: self.soak_leaked(base, now) == 0, mode.settle_timeout
+        )
+        rss_after = self.rss()
+        leaked = self.soak_leaked(base, after)
+        errors = budget.socket_errors + budget.non_2xx + ws_errors
+        self.steps["soak"] |= {
+            "requests": budget.requests,
+            "wrk_runs": budget.runs,
+            "requests_s": budget.seconds,
+            "ws_cycles": cycles,
+            "ws_errors": ws_errors,
+            "ws_first_error": first_error,
+            "ws_s": st.wall_s - budget.seconds,
+            "fds_base": base,
+            "fds_after": after,
+            "settle_s": settle_s,
+            "rss_base_mib": rss_base,
+            "rss_after_mib": rss_after,
+        }
+        self.metrics |= {
+            "soak_s": st.wall_s,
+            "soak_requests": float(budget.requests),
+            "soak_ws_cycles": float(cycles),
+            "soak_errors": float(errors),
+            "soak_fds_base": float(base["total"]),
+            "soak_fds_after": float(after["total"]),
+            "soak_fds_leaked": float(leaked),
+            "soak_settle_s": settle_s,
+            "soak_rss_base_mib": rss_base,
+            "soak_rss_after_mib": rss_after,
+            "soak_rss_delta_mib": rss_after - rss_base,
+            "soak_rss_growth_pct": (rss_after - rss_base) / rss_base * 100,
+            "soak_cpu_us": st.proxy_cpu_s / max(1, budget.requests + cycles) * 1e6,
+        }
+        short = budget.requests < mode.soak_requests or cycles < mode.soak_ws
+        if short:
+            raise RuntimeError(
+                f"soak incomplete in {mode.soak_timeout:.0f} s per part: {budget.requests:,} of "
+                f"{mode.soak_requests:,} requests, {cycles:,} of {mode.soak_ws:,} WebSocket "
+                f"cycles ({ws_errors} failed{': ' + first_error if first_error else ''})"
+            )
+
+    async def _churn(
+        self, total: int, limit_s: float, out: list[tuple[int, int, str]] | None = None
+    ) -> None:
+        result = await wsload.churn(self.port, total, self.mode.soak_ws_sockets, limit_s)
+        if out is not None:
+            out.append(result)
+
+
+class FloorRun(Run):
+    """A byte relay in front of the backend, measured like a proxy where it can be: it has no
+    API and no HTTP, so only warm-up-free keep-alive and WebSocket echo (the backend answers
+    any path, and the upgrade and frames pass through as bytes)."""
+
+    def __init__(self, relay: RelaySpec, bench: Bench, index: int) -> None:
+        super().__init__(ProxySpec(relay.name, relay.argv, relay.env), bench, index)
+        self.relay = relay
+
+    def execute(self) -> None:
+        self.phase(1, [("keepalive", self.step_keepalive), ("websocket", self.step_websocket)])
+
+    def start(self, phase: int) -> None:
+        self.port = procs.free_port()
+        self.proxy = procs.Managed(
+            self.relay.name,
+            self.relay.command(self.port, self.bench.backend_port),
+            self.bench.proxy_core,
+            self.bench.logs / f"{self.relay.name}-run{self.index}-{phase}.log",
+            env=dict(self.relay.env),
+        )
+        self.metrics.setdefault(
+            "startup_s", procs.wait_port(self.port, self.proxy.proc, self.mode.start_timeout)
+        )
+        try:
+            with urllib.request.urlopen(self.url("small"), timeout=10) as resp:
+                body = resp.read()
+        except OSError as exc:
+            raise RuntimeError(f"first relayed GET {self.url('small')}: {exc}") from None
+        if body != b"Hello, World!":
+            raise RuntimeError(f"relayed GET returned {body[:80]!r}")
+        self.meter = Meter(
+            self.proxy.pid, self.bench.backend.pid, self.bench.proxy_core, self.bench.load_core
+        )
+        self.metrics.setdefault("rss_idle_mib", self.rss())
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}  # -> milliseconds
@@ -74,3 +76,48 @@ def finish(proc: subprocess.Popen[str], duration: float) -> WrkResult:
 
 def run(argv: list[str], duration: float) -> WrkResult:
     return finish(start(argv), duration)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What ``run_budget`` did: requests completed, wrk's errors, wrk processes run."""
+
+    requests: int
+    socket_errors: int
+    non_2xx: int
+    runs: int
+    seconds: float
+
+
+def run_budget(
+    url: str,
+    core: int,
+    connections: int,
+    total: int,
+    limit_s: float,
+    headers: tuple[str, ...] = (),
+    chunk_s: float = 30.0,
+) -> Budget:
+    """At least ``total`` requests (wrk has no request budget): wrk runs one after another, each
+    sized from the rate of the one before (the first for 1 s), until ``total`` are done or
+    ``limit_s`` seconds have passed. Bounded in count (stops at ``total``; at most one run per
+    second of ``limit_s``) and in time; overshoots by at most about a second of requests."""
+    start = time.perf_counter()
+    deadline = start + limit_s
+    done = socket_errors = non_2xx = runs = 0
+    rate = 0.0
+    while done < total and runs < max(1, int(limit_s)):
+        left_s = deadline - time.perf_counter()
+        if left_s < 1:
+            break
+        want = (total - done) / rate if rate else 1.0
+        seconds = max(1, min(math.ceil(want), int(left_s), int(chunk_s)))
+        res = run(command(url, core, connections, seconds, headers), seconds)
+        runs += 1
+        done += res.requests
+        socket_errors += res.socket_errors
+        non_2xx += res.non_2xx
+        if res.requests == 0:
+            break  # nothing gets through: do not spin
+        rate = res.rps
+    return Budget(done, socket_errors, non_2xx, runs, time.perf_counter() - start)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ def _masked_frame(payload: bytes) -> bytes:
 
 
 FRAME = _masked_frame(PAYLOAD)
+CLOSE_FRAME = bytes((0x88, 0x82)) + MASK + bytes((0x03 ^ MASK[0], 0xE8 ^ MASK[1]))  # 1000
 REPLY_LEN = 2 + len(PAYLOAD)
 
 
@@ -89,6 +91,10 @@ class WsClient(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(FRAME)
 
+    def send_close(self) -> None:
+        assert self.transport is not None
+        self.transport.write(CLOSE_FRAME)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -119,6 +125,49 @@ async def open_sockets(
         close_all(clients)
         raise
     return clients
+
+
+async def churn(
+    port: int, total: int, concurrency: int, duration: float, timeout: float = 10.0
+) -> tuple[int, int, str]:
+    """Open and close ``total`` WebSockets, ``concurrency`` at a time, for at most ``duration``
+    s (a cycle in flight then gets up to ``timeout`` s more). One cycle: connect, handshake,
+    close, and wait until the connection is gone. Even cycles close the TCP connection
+    (client-initiated teardown); odd ones send a close frame, the backend answers and hangs up,
+    so the proxy must close our side (backend-initiated teardown).
+    Returns (cycles completed, cycles failed, the first error)."""
+    loop = asyncio.get_running_loop()
+    counter = Counter(0)  # no echo load: replies are only counted
+    deadline = time.perf_counter() + duration
+    started = done = errors = 0
+    first_error = ""
+
+    async def worker() -> None:
+        nonlocal started, done, errors, first_error
+        while started < total and time.perf_counter() < deadline:
+            i = started
+            started += 1
+            transport: asyncio.BaseTransport | None = None
+            try:
+                async with asyncio.timeout(timeout):
+                    transport, proto = await loop.create_connection(
+                        functools.partial(WsClient, port, f"/ws/soak/{i}", counter), HOST, port
+                    )
+                    await proto.opened
+                    if i % 2:
+                        proto.send_close()
+                    else:
+                        transport.close()
+                    await proto.lost
+                done += 1
+            except Exception as exc:
+                errors += 1
+                first_error = first_error or f"{type(exc).__name__}: {exc}"
+                if transport is not None:
+                    cast(asyncio.Transport, transport).abort()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done, errors, first_error
 
 
 def close_all(clients: list[WsClient]) -> None:
