@@ -189,10 +189,16 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> float
 
 
 class Managed:
-    """A child process pinned to one core with ``taskset``; output goes to a log file."""
+    """A child process pinned with ``taskset`` (one core, or a list such as "0,1"); output goes
+    to a log file."""
 
     def __init__(
-        self, name: str, argv: list[str], core: int, log: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        core: int | str,
+        log: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.log = log

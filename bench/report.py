@@ -118,7 +118,7 @@ def pool(many: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("name", "routes", "duration", "idle_ws"):
             if other["mode"][key] != first["mode"][key]:
                 raise ValueError(f"cannot pool results of different modes ({key} differs)")
-        for group in ("proxies", "floors"):
+        for group in ("proxies", "floors", "workers"):
             for name, data in other.get(group, {}).items():
                 first.setdefault(group, {}).setdefault(name, {**data, "runs": []})
                 first[group][name]["runs"] += data["runs"]
@@ -289,6 +289,36 @@ def floor_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def workers_table(results: dict[str, Any]) -> str:
+    """hubproxy --workers N on the cores given; ratios to the first setup (1 worker)."""
+    setups = {k: d for k, d in results.get("workers", {}).items() if d["runs"]}
+    if not setups:
+        return ""
+    head = ["setup", "keep-alive req/s", "vs 1 worker", "CPU per request (us)"]
+    head += ["new connection req/s", "vs 1 worker", "CPU per request (us)", "load core busy"]
+    head += ["busiest worker's CPU share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base: dict[str, Summary | None] = {}
+    for label, data in setups.items():
+        row = [label]
+        for step, prefix in (("keepalive", "ka"), ("close", "close")):
+            rps = summarize(data["runs"], Metric(f"{prefix}_rps", "", "", step))
+            cpu = summarize(data["runs"], Metric(f"{prefix}_cpu_us", "", "", step))
+            first = base.setdefault(step, rps)
+            ratio = fmt(rps.median / first.median) if rps and first and first.median else "—"
+            row += [cell(rps), ratio, cell(cpu)]
+        busy = [
+            float(r["steps"]["keepalive"]["load_core_util"])
+            for r in data["runs"]
+            if "keepalive" in r["steps"]
+        ]
+        row.append(f"{statistics.median(busy):.0%}" if busy else "—")
+        share = summarize(data["runs"], Metric("ka_busiest_worker_share", "", "", "keepalive"))
+        row.append(f"{share.median:.0%} of {data['workers']}" if share else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def floor_notes(results: dict[str, Any]) -> list[str]:
     """What the floor says about the CPU-per-unit targets, in numbers."""
     floors = results.get("floors", {})
@@ -325,6 +355,7 @@ def failures(results: dict[str, Any]) -> list[str]:
     out = []
     groups = list(results["proxies"].items())
     groups += [(f"floor {n}", d) for n, d in results.get("floors", {}).items()]
+    groups += list(results.get("workers", {}).items())
     for name, data in groups:
         if data.get("skipped"):
             out.append(f"{name}: skipped: {data['skipped']}")
@@ -350,6 +381,9 @@ def console(results: dict[str, Any]) -> str:
     if floor:
         parts += ["", "Byte-relay floor (no HTTP work; not a competitor):", floor]
         parts += floor_notes(results)
+    workers = workers_table(results)
+    if workers:
+        parts += ["", "hubproxy --workers N:", workers]
     fails = failures(results)
     if fails:
         parts += ["", "Failures:", *(f"- {f}" for f in fails)]
@@ -437,6 +471,25 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
             floor,
             "",
             *(f"- {n}" for n in floor_notes(results)),
+            "",
+        ]
+    workers = workers_table(results)
+    if workers:
+        lines += [
+            "## Workers",
+            "",
+            "hubproxy alone, with `--workers N` (docs/workers.md), on the cores given "
+            "(`taskset`), measured by the keep-alive and new-connection steps in the same run; "
+            "CPU per request is the whole process tree's (the primary and its workers). The "
+            "load side (wrk, the backend) keeps its core. A machine with a core to spare per "
+            "worker shows how far requests/s follow the cores; on a 2-core machine only one "
+            "core is spare, so the last setup gives the workers both cores while wrk and the "
+            "backend use one of them too: its requests/s are what such a machine can do, not "
+            "the workers' limit. The busiest worker's share of the workers' CPU during the "
+            "keep-alive step shows how evenly SO_REUSEPORT spread the 50 connections (50% of 2 "
+            "is even).",
+            "",
+            workers,
             "",
         ]
     lines += [

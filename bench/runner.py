@@ -15,7 +15,7 @@ from typing import Any
 from bench import deps, procs
 from bench.config import CHP_BIN, REPO, Mode, ProxySpec, RelaySpec
 from bench.meter import NOISE_UTIL, quiet_check
-from bench.steps import Bench, FloorRun, Run
+from bench.steps import Bench, FloorRun, Run, WorkersRun
 
 
 def _cmd_output(argv: list[str], env: dict[str, str] | None = None) -> str:
@@ -69,6 +69,26 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def workers_setups(cores: list[int]) -> list[tuple[str, int, str, bool]]:
+    """(label, workers, taskset cores, shares the load core) for the workers table.
+
+    The load side keeps the last core. With spare cores, N workers get N of them. A 2-core
+    machine has one spare: there the table shows 1 worker on core 0, 2 workers on core 0 (what
+    splitting costs) and 2 workers on both cores, sharing core 1 with the load (as far as such a
+    machine goes)."""
+    spare = cores[:-1] or cores
+    setups = [
+        (f"{n} worker{'s' if n > 1 else ''}, cores {','.join(map(str, spare[:n]))}", n,
+         ",".join(map(str, spare[:n])), False)
+        for n in range(1, min(len(spare), 4) + 1)
+    ]  # fmt: skip
+    if len(spare) == 1 and len(cores) == 2:
+        both = ",".join(map(str, cores))
+        setups.append((f"2 workers, core {spare[0]}", 2, str(spare[0]), False))
+        setups.append((f"2 workers, cores {both} (shared with the load)", 2, both, True))
+    return setups
+
+
 def run_all(
     specs: list[ProxySpec],
     mode: Mode,
@@ -105,6 +125,8 @@ def run_all(
     if background > NOISE_UTIL:
         print(f"warning: other processes use {background:.0%} of a core at rest", flush=True)
 
+    hubproxy = next((s for s in specs if s.name == "hubproxy"), None)
+    worker_setups = workers_setups(cores) if hubproxy is not None else []
     results: dict[str, Any] = {
         "command": command,
         "started": started,
@@ -118,6 +140,11 @@ def run_all(
         # byte relays, not competitors: only the keepalive and websocket steps
         "floors": {f.name: {"command": [*f.argv], "runs": []} for f in floors}
         | {name: {"skipped": why, "runs": []} for name, why in floor_skipped.items()},
+        # hubproxy --workers N on the cores given: keep-alive and new-connection steps only
+        "workers": {
+            label: {"workers": n, "cores": cores_text, "shares_load_core": shared, "runs": []}
+            for label, n, cores_text, shared in worker_setups
+        },
     }
     backend_port = procs.free_port()
     backend = procs.Managed(
@@ -147,6 +174,21 @@ def run_all(
                 run = FloorRun(floor, bench, i + 1)
                 run.execute()
                 results["floors"][floor.name]["runs"].append(run.as_dict())
+                status = run.error.splitlines()[0] if run.error else "ok"
+                if run.errors:
+                    status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
+                print(f"{status} [{time.perf_counter() - t0:.0f} s]", flush=True)
+            for label, n, cores_text, _ in worker_setups:
+                assert hubproxy is not None
+                t0 = time.perf_counter()
+                print(f"[run {i + 1}/{mode.runs}] {label} ...", end=" ", flush=True)
+                spec = ProxySpec(
+                    f"hubproxy-w{n}", (*hubproxy.argv, "--workers", str(n)), hubproxy.env
+                )
+                run = WorkersRun(spec, bench, i + 1, cores=cores_text)
+                run.execute()
+                results["workers"][label]["command"] = [*spec.argv]
+                results["workers"][label]["runs"].append(run.as_dict())
                 status = run.error.splitlines()[0] if run.error else "ok"
                 if run.errors:
                     status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"

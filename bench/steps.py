@@ -61,6 +61,7 @@ class Run:
     meter: Meter | None = None
     quiet_wait: float = 0.0  # before each measured step, wait up to this long for quiet
     retries: int = 0  # redo a repeatable step that came out noisy, at most this often
+    cores: str | None = None  # taskset's list for the proxy; None: the proxy core alone
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -191,7 +192,7 @@ class Run:
         self.proxy = procs.Managed(
             self.spec.name,
             self.spec.command(self.port, self.api_port, target),
-            self.bench.proxy_core,
+            self.cores or self.bench.proxy_core,
             self.bench.logs / f"{self.spec.name}-run{self.index}-{phase}.log",
             env={"CONFIGPROXY_AUTH_TOKEN": self.token, **dict(self.spec.env)},
         )
@@ -506,6 +507,32 @@ class Run:
         result = await wsload.churn(self.port, total, self.mode.soak_ws_sockets, limit_s)
         if out is not None:
             out.append(result)
+
+
+class WorkersRun(Run):
+    """hubproxy with ``--workers N`` on the cores given: small keep-alive and new connection per
+    request, the steps whose throughput more processes should raise."""
+
+    def execute(self) -> None:
+        self.phase(
+            1,
+            [
+                ("warmup", self.step_warmup),
+                ("keepalive", self.step_keepalive),
+                ("close", self.step_close),
+            ],
+        )
+
+    def step_keepalive(self) -> None:
+        """Also: how evenly the kernel spread the connections (the busiest worker's share of the
+        workers' CPU; 1/N is even)."""
+        assert self.proxy is not None
+        workers = procs.children(self.proxy.pid)
+        before = {pid: procs.cpu_seconds(pid) for pid in workers}
+        super().step_keepalive()
+        used = [procs.cpu_seconds(pid) - before[pid] for pid in workers]
+        if len(used) > 1 and sum(used) > 0:
+            self.metrics["ka_busiest_worker_share"] = max(used) / sum(used)
 
 
 class FloorRun(Run):
