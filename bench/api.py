@@ -52,6 +52,20 @@ def add_routes(client: ApiClient, n: int, target: str, deadline: float) -> tuple
     return added, failures
 
 
+def remove_routes(client: ApiClient, n: int, deadline: float) -> tuple[int, int]:
+    """DELETE the routes ``add_routes`` made; returns (removed, failures). Stops at ``deadline``."""
+    removed = failures = 0
+    for i in range(n):
+        if time.perf_counter() > deadline:
+            break
+        status, _ = client.request("DELETE", "/api/routes" + route_path(i))
+        if status == 204:
+            removed += 1
+        else:
+            failures += 1
+    return removed, failures
+
+
 def get_all(client: ApiClient) -> tuple[float, int]:
     """Time GET /api/routes; returns (seconds, number of routes in the answer)."""
     start = time.perf_counter()

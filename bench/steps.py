@@ -2,9 +2,10 @@
 
 Order matters and is the same for every proxy. A first process: idle RSS, idle WebSockets. A
 second, fresh one (a heap grown by thousands of sockets would slow the rest): small keep-alive,
-API add, small keep-alive again with the big table (right after the first, so that the two
-differ by the table alone: Node slows down as its heap grows), API GET all, new connection per
-request, 1 MiB (peak RSS is read right after it), WebSocket echo, API latency under load, and
+API add, small keep-alive again with the big table, API GET all, API DELETE of the routes and
+small keep-alive once more (the table's cost is taken against the mean of the 1-route figures
+before and after), new connection per request, 1 MiB (peak RSS is read right after it),
+WebSocket echo, API latency under load, and
 in the first run only, the soak (many requests and WebSocket cycles; fds and RSS must come back).
 A step that fails is recorded with its error and the run goes on with the next one.
 
@@ -35,6 +36,7 @@ from bench.meter import Meter, StepStats, wait_quiet
 T = TypeVar("T")
 # steps that can be measured again on the same process (the others change its state for good)
 REPEATABLE = {"keepalive", "close", "big", "websocket", "api_get_all", "routes", "api_under_load"}
+# (routes_removed is not: it removes the routes; its keep-alive part is noise-flagged on its own)
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Run:
             ("api_add", self.step_api_add),
             ("routes", self.step_routes),
             ("api_get_all", self.step_api_get_all),
+            ("routes_removed", self.step_routes_removed),
             ("close", self.step_close),
             ("big", self.step_big),
             ("websocket", self.step_websocket),
@@ -352,6 +355,28 @@ class Run:
         }
         if "ka_rps" in self.metrics:
             self.metrics["routes_ratio"] = res.rps / self.metrics["ka_rps"]
+
+    def step_routes_removed(self) -> None:
+        """Remove the N routes, then small keep-alive again with 1 route: the "N routes / 1
+        route" ratio is taken against the mean of the 1-route figures before and after, so
+        that a drift of the machine or the process over the steps in between (either way: it
+        was seen both ways) does not pass for the table's cost."""
+        client = api.ApiClient(self.api_port, self.token)
+        deadline = time.perf_counter() + max(60.0, self.mode.routes * 0.01)
+        try:
+            (removed, failures), st = self.measured(
+                "api_delete", lambda: api.remove_routes(client, self.mode.routes, deadline)
+            )
+        finally:
+            client.close()
+        if failures or removed < self.mode.routes:
+            raise RuntimeError(f"removed {removed} of {self.mode.routes} routes, {failures} failed")
+        self.metrics["api_delete_ms"] = st.wall_s / removed * 1e3
+        res, _ = self.wrk_step("keepalive_after", self.url("small"), self.mode.conns)
+        self.metrics["ka_after_rps"] = res.rps
+        if "ka_rps" in self.metrics and "routes_rps" in self.metrics:
+            one_route = (self.metrics["ka_rps"] + res.rps) / 2
+            self.metrics["routes_ratio"] = self.metrics["routes_rps"] / one_route
 
     def step_api_under_load(self) -> None:
         mode = self.mode
