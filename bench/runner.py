@@ -69,6 +69,14 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def print_status(run: Run, started: float) -> None:
+    """The end of a run's console line: ok or what failed, and how long it took."""
+    status = run.error.splitlines()[0] if run.error else "ok"
+    if run.errors:
+        status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
+    print(f"{status} [{time.perf_counter() - started:.0f} s]", flush=True)
+
+
 def workers_setups(cores: list[int]) -> list[tuple[str, int, str, bool]]:
     """(label, workers, taskset cores, shares the load core) for the workers table.
 
@@ -164,20 +172,14 @@ def run_all(
                 run = Run(spec, bench, i + 1, quiet_wait=quiet_wait, retries=retries)
                 run.execute()
                 results["proxies"][spec.name]["runs"].append(run.as_dict())
-                status = run.error.splitlines()[0] if run.error else "ok"
-                if run.errors:
-                    status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
-                print(f"{status} [{time.perf_counter() - t0:.0f} s]", flush=True)
+                print_status(run, t0)
             for floor in floors:
                 t0 = time.perf_counter()
                 print(f"[run {i + 1}/{mode.runs}] floor {floor.name} ...", end=" ", flush=True)
                 run = FloorRun(floor, bench, i + 1)
                 run.execute()
                 results["floors"][floor.name]["runs"].append(run.as_dict())
-                status = run.error.splitlines()[0] if run.error else "ok"
-                if run.errors:
-                    status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
-                print(f"{status} [{time.perf_counter() - t0:.0f} s]", flush=True)
+                print_status(run, t0)
             for label, n, cores_text, _ in worker_setups:
                 assert hubproxy is not None
                 t0 = time.perf_counter()
@@ -189,10 +191,7 @@ def run_all(
                 run.execute()
                 results["workers"][label]["command"] = [*spec.argv]
                 results["workers"][label]["runs"].append(run.as_dict())
-                status = run.error.splitlines()[0] if run.error else "ok"
-                if run.errors:
-                    status += f" ({len(run.errors)} step(s) failed: {', '.join(run.errors)})"
-                print(f"{status} [{time.perf_counter() - t0:.0f} s]", flush=True)
+                print_status(run, t0)
     finally:
         backend.stop()
     return results

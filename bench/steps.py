@@ -203,13 +203,18 @@ class Run:
         waited = procs.wait_port(self.port, self.proxy.proc, timeout)
         waited += procs.wait_port(self.api_port, self.proxy.proc, timeout)
         self.metrics.setdefault("startup_s", waited)
+        self.first_get("proxied")
+
+    def first_get(self, how: str) -> None:
+        """One GET through the started proxy (or relay), then the meter and the idle RSS."""
+        assert self.proxy is not None
         try:
             with urllib.request.urlopen(self.url("small"), timeout=10) as resp:
                 body = resp.read()
         except OSError as exc:
-            raise RuntimeError(f"first proxied GET {self.url('small')}: {exc}") from None
+            raise RuntimeError(f"first {how} GET {self.url('small')}: {exc}") from None
         if body != b"Hello, World!":
-            raise RuntimeError(f"proxied GET returned {body[:80]!r}")
+            raise RuntimeError(f"{how} GET returned {body[:80]!r}")
         self.meter = Meter(
             self.proxy.pid, self.bench.backend.pid, self.bench.proxy_core, self.bench.load_core
         )
@@ -584,17 +589,7 @@ class FloorRun(Run):
         self.metrics.setdefault(
             "startup_s", procs.wait_port(self.port, self.proxy.proc, self.mode.start_timeout)
         )
-        try:
-            with urllib.request.urlopen(self.url("small"), timeout=10) as resp:
-                body = resp.read()
-        except OSError as exc:
-            raise RuntimeError(f"first relayed GET {self.url('small')}: {exc}") from None
-        if body != b"Hello, World!":
-            raise RuntimeError(f"relayed GET returned {body[:80]!r}")
-        self.meter = Meter(
-            self.proxy.pid, self.bench.backend.pid, self.bench.proxy_core, self.bench.load_core
-        )
-        self.metrics.setdefault("rss_idle_mib", self.rss())
+        self.first_get("relayed")
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:

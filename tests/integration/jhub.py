@@ -20,7 +20,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -585,3 +585,41 @@ def kill_leftovers(root: Path) -> list[int]:
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))
     return killed
+
+
+@contextlib.contextmanager
+def alice_on_separate_proxy(
+    proxy: ExternalProxy, hub: Hub, workdir: Path, before: Callable[[], None] | None = None
+) -> Iterator[tuple[str, str]]:
+    """The separately run proxy, then the hub, then alice's server: yields (alice's token, her
+    server's path). On the way out alice's server is stopped through the hub (while it runs),
+    then the hub, the proxy and anything left under `workdir`; their logs are printed if the
+    set-up failed. `before` runs first (certificates to make, say)."""
+    try:
+        if before is not None:
+            before()
+        proxy.start()
+        hub.start()
+        server_path = hub.start_server("alice")
+        yield hub.user_token("alice"), server_path
+        if hub.proc is not None and hub.proc.poll() is None:
+            try:
+                hub.stop_server("alice")
+            except (AssertionError, requests.RequestException) as exc:
+                print(f"could not stop alice's server through the hub: {exc}")
+    except BaseException:
+        print(hub.log())
+        print(proxy.log())
+        raise
+    finally:
+        hub.stop()
+        proxy.stop()
+        kill_leftovers(workdir)
+
+
+def print_logs_if_failed(request: Any, hub: Hub, proxy: ExternalProxy) -> None:
+    """For an autouse fixture, after its yield: both logs when the test failed."""
+    report = getattr(request.node, "jh_report_call", None)
+    if report is not None and report.failed:
+        print(hub.log())
+        print(proxy.log())

@@ -40,10 +40,11 @@ from jhub import (
     PROXY_TOKEN,
     ExternalProxy,
     Hub,
+    alice_on_separate_proxy,
     free_port,
-    kill_leftovers,
     login,
     pid_alive,
+    print_logs_if_failed,
     run_one_plus_one,
     singleuser_pids,
     wait_until,
@@ -147,6 +148,12 @@ class Stack:
         )
 
 
+def prepare_certs(hub: Hub, tls_dir: Path) -> None:
+    """As the doc says: generate the hub's certificates, then copy the proxy's."""
+    generate_certs(hub)
+    copy_proxy_certs(hub.certs_dir, tls_dir)
+
+
 @pytest.fixture(scope="module")
 def stack(jh_workdir: Path) -> Iterator[Stack]:
     hub = Hub(
@@ -173,36 +180,16 @@ def stack(jh_workdir: Path) -> Iterator[Stack]:
         },
     )
     assert proxy.api_url == hub.proxy_api_url  # https://127.0.0.1:<port>
-    try:
-        generate_certs(hub)
-        copy_proxy_certs(hub.certs_dir, tls_dir)
-        proxy.start()
-        hub.start()
-        server_path = hub.start_server("alice")
-        token = hub.user_token("alice")
+    with alice_on_separate_proxy(
+        proxy, hub, jh_workdir, before=lambda: prepare_certs(hub, tls_dir)
+    ) as (token, server_path):
         yield Stack(proxy, hub, tls_dir, token, server_path)
-        if hub.proc is not None and hub.proc.poll() is None:
-            try:
-                hub.stop_server("alice")
-            except (AssertionError, requests.RequestException) as exc:
-                print(f"could not stop alice's server through the hub: {exc}")
-    except BaseException:
-        print(hub.log())
-        print(proxy.log())
-        raise
-    finally:
-        hub.stop()
-        proxy.stop()
-        kill_leftovers(jh_workdir)
 
 
 @pytest.fixture(autouse=True)
 def logs_on_failure(request: pytest.FixtureRequest, stack: Stack) -> Iterator[None]:
     yield
-    report = getattr(request.node, "jh_report_call", None)
-    if report is not None and report.failed:
-        print(stack.hub.log())
-        print(stack.proxy.log())
+    print_logs_if_failed(request, stack.hub, stack.proxy)
 
 
 def test_proxy_api_over_tls(stack: Stack) -> None:

@@ -30,9 +30,10 @@ from jhub import (
     ExternalProxy,
     Hub,
     Prober,
+    alice_on_separate_proxy,
     free_port,
-    kill_leftovers,
     parse_time,
+    print_logs_if_failed,
     run_one_plus_one,
     wait_until,
 )
@@ -77,34 +78,14 @@ def stack(jh_workdir: Path) -> Iterator[Stack]:
         should_start_proxy=False,
         last_activity_interval=LAST_ACTIVITY_INTERVAL,
     )
-    try:
-        proxy.start()
-        hub.start()
-        server_path = hub.start_server("alice")
-        token = hub.user_token("alice")
+    with alice_on_separate_proxy(proxy, hub, jh_workdir) as (token, server_path):
         yield Stack(proxy, hub, token, server_path)
-        if hub.proc is not None and hub.proc.poll() is None:
-            try:
-                hub.stop_server("alice")
-            except (AssertionError, requests.RequestException) as exc:
-                print(f"could not stop alice's server through the hub: {exc}")
-    except BaseException:
-        print(hub.log())
-        print(proxy.log())
-        raise
-    finally:
-        hub.stop()
-        proxy.stop()
-        kill_leftovers(jh_workdir)
 
 
 @pytest.fixture(autouse=True)
 def logs_on_failure(request: pytest.FixtureRequest, stack: Stack) -> Iterator[None]:
     yield
-    report = getattr(request.node, "jh_report_call", None)
-    if report is not None and report.failed:
-        print(stack.hub.log())
-        print(stack.proxy.log())
+    print_logs_if_failed(request, stack.hub, stack.proxy)
 
 
 def test_routes_carry_jupyterhub_data(stack: Stack) -> None:
