@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -144,6 +145,28 @@ def test_a_killed_worker_is_replaced_and_counters_never_go_back(
     assert values["requests_web"] == 2 * NEW_CONNECTIONS
     assert values["hubproxy_worker_restarts_total"] == 1
     assert values["hubproxy_workers"] == 2
+
+
+def test_a_stuck_worker_is_killed_and_replaced(
+    start_proxy: Callable[..., Proxy], backend: Backend
+) -> None:
+    proxy = start_proxy("--workers", "2", "--default-target", backend.url)
+    pids = worker_pids(proxy)
+    os.kill(pids[1], signal.SIGSTOP)  # alive, but answers nothing: as a worker stuck in a loop
+    try:
+        for i in range(3):  # each write waits for the stuck worker's answer, then goes on
+            proxy.add_route(f"/stuck{i}", backend.url)
+        proxy.wait_for_line(
+            rf"error: Worker 1 \(pid {pids[1]}\) did not answer 3 times in a row: killing it"
+        )
+        new_pid = int(proxy.wait_for_line(r"info: Worker 1 \(pid (\d+)\) serving").group(1))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[1], signal.SIGCONT)
+    assert new_pid != pids[1] and not alive(pids[1])
+    for _ in range(NEW_CONNECTIONS):  # the replacement serves the routes added meanwhile
+        status, echoed = get_json(proxy, "/stuck2/x")
+        assert status == 200 and echoed["url"] == "/stuck2/x"
 
 
 def test_sigterm_drains_workers_and_stops_them(

@@ -45,6 +45,7 @@ from aiohttp import web
 
 from hubproxy.activity import ActivityFlusher
 from hubproxy.config import Config
+from hubproxy.logs import log_info
 from hubproxy.routing import clean_path
 from hubproxy.store.base import RouteData, RouteStore, StoreUnavailable
 
@@ -397,8 +398,11 @@ class _RoutesApi:
             response = _bare(500, message)
         status = response.status
         self.stats.requests_api[status] += 1
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-        log.log(level, "%s %s %s %s", status, method.upper(), log_path, message)
+        if status < 400:
+            log_info(f"{status} {method.upper()} {log_path} {message}")
+        else:
+            level = logging.WARNING if status < 500 else logging.ERROR
+            log.log(level, "%s %s %s %s", status, method.upper(), log_path, message)
         return response
 
     async def unreachable(self, request: web.Request) -> web.StreamResponse:
@@ -500,10 +504,10 @@ class _RoutesApi:
         if self.host_routing and key != "/":
             data["host"] = key.split("/")[1]
         target = data["target"]
-        log.info("Adding route %s -> %s", key, target)
+        log_info(f"Adding route {key} -> {target}")
         data["last_activity"] = datetime.now(UTC)
         await self.store.add(key, data)
-        log.info("Route added %s -> %s", key, target)
+        log_info(f"Route added {key} -> {target}")
         self.stats.api_route_add += 1
         return _bare(201)
 
@@ -515,7 +519,7 @@ class _RoutesApi:
         self.stats.api_route_delete += 1
         if not existed:
             return _bare(404)
-        log.info("Removing route %s", path)
+        log_info(f"Removing route {path}")
         return _bare(204)
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger("hubproxy")
 
 START_SECONDS = 30.0  # a worker that has not said "ready" by then failed to start
 ANSWER_SECONDS = 2.0  # a worker that does not answer a sync or poll by then is passed over
+MISSED_ANSWERS = 3  # ... and one that missed this many answers in a row is stuck: replaced
 RESTART_DELAY_MAX = 5.0  # a worker that keeps dying is restarted at most this often
 STEADY_SECONDS = 10.0  # a worker that lived this long died of something new: restart at once
 
@@ -52,6 +53,7 @@ class _Worker:
         self.counters: dict[str, Any] | None = None  # the newest the worker sent
         self.gauges: dict[str, int] = dict.fromkeys(_GAUGES, 0)
         self.reader: asyncio.Task[None] | None = None
+        self.missed = 0  # answers not given in time, in a row
 
     def request(self, serial: int, *message: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -305,13 +307,27 @@ class WorkerSet:
         await asyncio.wait([f for _, f in asked], timeout=ANSWER_SECONDS)
         answers = []
         for worker, future in asked:
-            if not future.done():
-                worker.waiters.pop(serial, None)
-                future.cancel()
-                log.warning("Worker %d did not answer in %.0f s", worker.index, ANSWER_SECONDS)
-                answers.append((worker, None))
-            else:
+            if future.done():
+                worker.missed = 0
                 answers.append((worker, future.result()))
+                continue
+            worker.waiters.pop(serial, None)
+            future.cancel()
+            worker.missed += 1
+            answers.append((worker, None))
+            if worker.missed < MISSED_ANSWERS:
+                log.warning("Worker %d did not answer in %.0f s", worker.index, ANSWER_SECONDS)
+                continue
+            # stuck (a loop that never yields, SIGSTOP): its connections are lost either way;
+            # killing it lets its replacement serve the connections queued on its socket
+            log.error(
+                "Worker %d (pid %d) did not answer %d times in a row: killing it",
+                worker.index,
+                worker.proc.pid,
+                worker.missed,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
         return answers
 
     async def sync(self) -> None:
