@@ -293,6 +293,19 @@ def _wait_lines(proxy: Proxy, pattern: str, count: int, timeout: float = 15.0) -
         time.sleep(0.02)
 
 
+def test_workers_with_the_sqlite_store_keep_routes_across_a_restart(
+    start_proxy: Callable[..., Proxy], backend: Backend, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "routes.db")
+    proxy = start_proxy("--workers", "2", "--storage-backend", db)
+    proxy.add_route("/user/kept", backend.url)
+    assert proxy.stop(signal.SIGTERM) == 0
+    again = start_proxy("--workers", "2", "--storage-backend", db)
+    for _ in range(20):  # every worker of the new process has the route from the file
+        status, echoed = get_json(again, "/user/kept/x")
+        assert status == 200 and echoed["url"] == "/user/kept/x"
+
+
 def test_a_port_in_use_stops_the_start(backend: Backend) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
