@@ -157,7 +157,7 @@ def test_a_stuck_worker_is_killed_and_replaced(
         for i in range(3):  # each write waits for the stuck worker's answer, then goes on
             proxy.add_route(f"/stuck{i}", backend.url)
         proxy.wait_for_line(
-            rf"error: Worker 1 \(pid {pids[1]}\) did not answer 3 times in a row: killing it"
+            rf"error: Worker 1 \(pid {pids[1]}\) has answered nothing for \d+ s: killing it"
         )
         new_pid = int(proxy.wait_for_line(r"info: Worker 1 \(pid (\d+)\) serving").group(1))
     finally:
@@ -304,6 +304,27 @@ def test_workers_with_the_sqlite_store_keep_routes_across_a_restart(
     for _ in range(20):  # every worker of the new process has the route from the file
         status, echoed = get_json(again, "/user/kept/x")
         assert status == 200 and echoed["url"] == "/user/kept/x"
+
+
+def test_sighup_with_only_api_tls_leaves_the_workers_alone(
+    start_proxy: Callable[..., Proxy], backend: Backend, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    proxy = start_proxy(
+        "--workers", "2", "--api-ssl-key", str(key), "--api-ssl-cert", str(cert),
+        "--default-target", backend.url,
+    )  # fmt: skip
+    pids = worker_pids(proxy)
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_line(r"info: Reloaded TLS certificate for the API listener")
+    for _ in range(NEW_CONNECTIONS):  # served by the same two workers: none was ended
+        assert proxy.request("GET", "/x")[0] == 200
+    assert all(alive(pid) for pid in pids)
+    assert "exited" not in proxy.output()
 
 
 def test_a_port_in_use_stops_the_start(backend: Backend) -> None:

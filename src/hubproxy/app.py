@@ -266,6 +266,9 @@ async def serve(config: Config) -> int:
         if watcher is not None:
             await watcher.stop()
         if workers is not None:
+            # refuse new connections at once, as one process does: the workers close theirs
+            for bound in publics:
+                bound.sock.close()
             await workers.stop(DRAIN_SECONDS)
         if plane is not None:
             await plane.stop(DRAIN_SECONDS)

@@ -112,7 +112,8 @@ def bind_tcp_group(host: str | None, port: int, what: str, count: int) -> list[B
         bind_tcp(host, port, what).sock.close()
     group = [bind_tcp(host, port, what, reuse_port=True)]
     try:
-        port = group[0].port or port
+        # the first socket's address, not the name again (a name may resolve differently)
+        host, port = group[0].sock.getsockname()[:2]
         while len(group) < count:
             group.append(bind_tcp(host, port, what, reuse_port=True))
     except ListenError:

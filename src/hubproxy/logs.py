@@ -26,6 +26,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from select import PIPE_BUF
 from typing import TextIO
 
 LOGGER_NAME = "hubproxy"
@@ -147,15 +149,33 @@ class LineBuffer:
 
     def flush(self) -> None:
         with self._lock:
-            if not self.pending:
+            pending = self.pending
+            taken = len(pending)  # lines another thread adds meanwhile wait for the next flush
+            if not taken:
                 return
-            text = "\n".join(self.pending) + "\n"
-            self.pending.clear()
             try:
-                self.stream.write(text)
-                self.stream.flush()
+                for chunk in _chunks(pending[:taken]):
+                    self.stream.write(chunk)
+                    self.stream.flush()
             except (OSError, ValueError):  # stdout closed or gone: carry on, as logging does
                 pass
+            del pending[:taken]
+
+
+def _chunks(lines: list[str]) -> Iterator[str]:
+    """Whole lines, joined into writes of at most PIPE_BUF bytes: such a write to a pipe is
+    atomic, so lines of the processes sharing stdout (--workers) never cut into each other."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        n = (len(line) if line.isascii() else len(line.encode("utf-8", "replace"))) + 1
+        if chunk and size + n > PIPE_BUF:
+            yield "\n".join(chunk) + "\n"
+            chunk, size = [], 0
+        chunk.append(line)
+        size += n
+    if chunk:
+        yield "\n".join(chunk) + "\n"
 
 
 class LineBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -15,6 +15,7 @@ import socket
 import sys
 from typing import Any
 
+from hubproxy import __version__
 from hubproxy.config import Config
 from hubproxy.dataplane import DataPlane
 from hubproxy.eventloop import log_uncaught, loop_factory
@@ -62,13 +63,14 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(log_uncaught)
     channel = await Channel.open(control)
-    kind, config = await channel.receive()
+    kind, config, version = await channel.receive()
     assert kind == "config" and isinstance(config, Config)
     setup_logging(config.log_level, config.log_format)
+    if version != __version__:  # hubproxy was upgraded in place since the main process started
+        log.error("Worker %d runs hubproxy %s, the main process %s", index, __version__, version)
+        return 1
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # Ctrl-C reaches the whole process group: the primary decides, and sends SIGTERM
-    loop.add_signal_handler(signal.SIGINT, lambda: None)
 
     try:
         tls = build_tls(config)
@@ -76,6 +78,10 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
         log.error("%s", e)
         return 1
     table = RouteTable()
+    # the routes first: connections may be queued on the socket already (a replacement's)
+    if not apply(table, await channel.receive()):
+        log.error("Worker %d: no route table from the main process", index)
+        return 1
     plane = DataPlane(config, table, tls)
     sides = [side for side in (tls.public, tls.client) if side is not None]
     watcher = CertificateWatcher(sides) if sides else None
@@ -103,6 +109,7 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
     following = loop.create_task(follow())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait((following, stopping), return_when=asyncio.FIRST_COMPLETED)
+    plane.stop_accepting()  # first: the port is free as soon as the main process's is closed
     orphaned = following.done()  # the primary is gone (killed): drain and leave
     if orphaned and not isinstance(following.exception(), ChannelClosed):
         log.error("Worker control channel failed: %s", following.exception())
@@ -123,6 +130,11 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
 
 
 def main(argv: list[str]) -> int:
+    # Before anything else: Ctrl-C reaches the whole process group, but the main process
+    # decides (and sends SIGTERM); SIGHUP is for certificates, and must not end a worker that
+    # has none or is still starting
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     control = socket.socket(fileno=int(argv[0]))
     listening = socket.socket(fileno=int(argv[1]))
     listening.setblocking(False)

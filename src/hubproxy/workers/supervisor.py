@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hubproxy import __version__
 from hubproxy.config import Config
 from hubproxy.proxy import ProxyStats
 from hubproxy.routing import RouteTable
@@ -29,7 +30,7 @@ log = logging.getLogger("hubproxy")
 
 START_SECONDS = 30.0  # a worker that has not said "ready" by then failed to start
 ANSWER_SECONDS = 2.0  # a worker that does not answer a sync or poll by then is passed over
-MISSED_ANSWERS = 3  # ... and one that missed this many answers in a row is stuck: replaced
+STUCK_SECONDS = 5.0  # ... and one that has answered nothing for this long is stuck: replaced
 RESTART_DELAY_MAX = 5.0  # a worker that keeps dying is restarted at most this often
 STEADY_SECONDS = 10.0  # a worker that lived this long died of something new: restart at once
 
@@ -53,7 +54,11 @@ class _Worker:
         self.counters: dict[str, Any] | None = None  # the newest the worker sent
         self.gauges: dict[str, int] = dict.fromkeys(_GAUGES, 0)
         self.reader: asyncio.Task[None] | None = None
-        self.missed = 0  # answers not given in time, in a row
+        self.last_answer = self.started  # when it last said anything
+
+    @property
+    def serving(self) -> bool:
+        return self.ready.done() and self.ready.exception() is None
 
     def request(self, serial: int, *message: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -87,6 +92,8 @@ class WorkerSet:
         self._serial = 0  # requests sent (sync, poll)
         self._timing = False
         self._stopping = False
+        self._started = False  # the first start is over: from now on, exits are replaced
+        self._quick_deaths: dict[int, int] = {}  # per slot, exits soon after a start in a row
         self._retired = ProxyStats()  # counters of workers that have exited
         self._retired_gauges = {"received": 0, "sent": 0}
         self._retired_requests: dict[int, int] = {}
@@ -137,6 +144,7 @@ class WorkerSet:
         except BaseException:
             await self.stop(0)
             raise
+        self._started = True
 
     async def _await_ready(self, workers: list[_Worker]) -> None:
         waits = {w.ready: w for w in workers}
@@ -154,9 +162,10 @@ class WorkerSet:
         listening = self._sockets[index % len(self._sockets)]
         fds = (theirs.fileno(), listening.fileno())
         env = dict(os.environ)
-        # the package this process runs, whatever put it on sys.path (an install, PYTHONPATH)
+        # the package this process runs, whatever put it on sys.path (an install, PYTHONPATH),
+        # last: it may be site-packages, which must not come before the standard library
         here = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), here) if p)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -174,7 +183,7 @@ class WorkerSet:
         finally:
             theirs.close()
         worker = _Worker(index, proc, await Channel.open(ours))
-        worker.channel.send("config", self.config)
+        worker.channel.send("config", self.config, __version__)
         worker.channel.send("reset", self._seq, list(self._targets.items()))
         if self._timing:
             worker.channel.send("poll", -1, True)  # turns timing on; the answer is dropped
@@ -191,11 +200,14 @@ class WorkerSet:
         try:
             while True:
                 message = await worker.channel.receive()
+                worker.last_answer = time.monotonic()
                 kind = message[0]
                 if kind == "ready":
                     if not worker.ready.done():
                         worker.ready.set_result(None)
                 elif kind == "reply":
+                    if message[2] is not None:  # a poll's: taken even if no one waits any more
+                        self._take_report(worker, message[2])
                     future = worker.waiters.pop(message[1], None)
                     if future is not None and not future.done():
                         future.set_result(message[2])
@@ -211,7 +223,8 @@ class WorkerSet:
                 )
 
     async def _watch(self, worker: _Worker) -> None:
-        """Wait for the worker's exit; replace it unless the primary is stopping."""
+        """Wait for the worker's exit; replace it unless the primary is stopping (or is still
+        in its first start, whose failure `start` reports)."""
         code = await worker.proc.wait()
         if worker.reader is not None:
             await worker.reader  # its last messages ("final") are in
@@ -219,28 +232,37 @@ class WorkerSet:
         self._retire(worker)
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
-        if self._stopping or not worker.ready.done() or worker.ready.exception() is not None:
-            if not self._stopping:
-                log.error("Worker %d (pid %d) failed to start", worker.index, worker.proc.pid)
+        if self._stopping or not self._started:
             return
+        index, pid = worker.index, worker.proc.pid
         how = f"signal {-code}" if code < 0 else f"code {code}"
-        pid = worker.proc.pid
-        log.error("Worker %d (pid %d) exited with %s: starting another", worker.index, pid, how)
+        what = "exited" if worker.serving else "exited before it served"
+        log.error("Worker %d (pid %d) %s with %s: starting another", index, pid, what, how)
         self.restarts += 1
-        delay = 0.0
-        lived = time.monotonic() - worker.started
-        if lived < STEADY_SECONDS:
-            delay = min(RESTART_DELAY_MAX, 0.1 * 2 ** min(self.restarts, 6))
-        await asyncio.sleep(delay)
-        if self._stopping:
+        quick = time.monotonic() - worker.started < STEADY_SECONDS
+        deaths = self._quick_deaths[index] = self._quick_deaths.get(index, 0) + 1 if quick else 0
+        if deaths:
+            await asyncio.sleep(min(RESTART_DELAY_MAX, 0.1 * 2 ** min(deaths, 6)))
+        while not self._stopping:
+            try:
+                replacement = await self._spawn(index)
+                break
+            except WorkerStartError as e:
+                log.error("%s", e)
+                await asyncio.sleep(RESTART_DELAY_MAX)
+        else:
             return
         try:
-            replacement = await self._spawn(worker.index)
             await self._await_ready([replacement])
         except WorkerStartError as e:
-            log.error("%s", e)
+            if self._stopping or replacement.ready.done():
+                return  # it exited: its own watcher says so and starts the next one
+            log.error("%s", e)  # not serving in time: killed, and its watcher does the same
+            with contextlib.suppress(ProcessLookupError):
+                replacement.proc.kill()
             return
-        log.info("Worker %d (pid %d) serving", replacement.index, replacement.proc.pid)
+        if not self._stopping:
+            log.info("Worker %d (pid %d) serving", index, replacement.proc.pid)
 
     def _retire(self, worker: _Worker) -> None:
         """Keep a gone worker's counters, so that the totals never go back."""
@@ -291,16 +313,19 @@ class WorkerSet:
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers.values()]
 
+    def serving(self) -> int:
+        return sum(1 for w in self._workers.values() if w.serving)
+
     # -- asking the workers ------------------------------------------------------------------
 
     async def _ask(self, kind: str, *args: Any) -> list[tuple[_Worker, Any]]:
         """Send a request to every worker that serves; their answers (None: none in time)."""
+        if self._stopping:  # draining workers no longer read their channel
+            return []
         self._serial += 1
         serial = self._serial
         asked = [
-            (w, w.request(serial, kind, serial, *args))
-            for w in self._workers.values()
-            if w.ready.done() and w.ready.exception() is None
+            (w, w.request(serial, kind, serial, *args)) for w in self._workers.values() if w.serving
         ]
         if not asked:
             return []
@@ -308,23 +333,22 @@ class WorkerSet:
         answers = []
         for worker, future in asked:
             if future.done():
-                worker.missed = 0
                 answers.append((worker, future.result()))
                 continue
             worker.waiters.pop(serial, None)
             future.cancel()
-            worker.missed += 1
             answers.append((worker, None))
-            if worker.missed < MISSED_ANSWERS:
+            silent = time.monotonic() - worker.last_answer
+            if silent < STUCK_SECONDS:
                 log.warning("Worker %d did not answer in %.0f s", worker.index, ANSWER_SECONDS)
                 continue
             # stuck (a loop that never yields, SIGSTOP): its connections are lost either way;
             # killing it lets its replacement serve the connections queued on its socket
             log.error(
-                "Worker %d (pid %d) did not answer %d times in a row: killing it",
+                "Worker %d (pid %d) has answered nothing for %.0f s: killing it",
                 worker.index,
                 worker.proc.pid,
-                worker.missed,
+                silent,
             )
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
@@ -343,9 +367,7 @@ class WorkerSet:
             return
         self._polling = asyncio.get_running_loop().create_future()
         try:
-            for worker, payload in await self._ask("poll", self._timing):
-                if payload is not None:
-                    self._take_report(worker, payload)
+            await self._ask("poll", self._timing)  # `_read` takes each report as it comes
             self._sum()
         finally:
             self._polling.set_result(None)
@@ -410,7 +432,7 @@ class _WorkersCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         workers = self.workers
-        yield GaugeMetricFamily("hubproxy_workers", "Worker processes serving", len(workers.pids()))
+        yield GaugeMetricFamily("hubproxy_workers", "Worker processes serving", workers.serving())
         yield CounterMetricFamily(
             "hubproxy_worker_restarts",
             "Worker processes that exited unexpectedly and were replaced",
