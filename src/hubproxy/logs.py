@@ -61,16 +61,20 @@ class _Clock:
     """CHP's timestamps, `2026-11-26T03:19:08.001Z`, with strftime run once a second."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._stamp = ""
+        # one tuple, replaced whole: a thread that logs (the SQLite store's) never pairs a
+        # new second with the old text
+        self._cached = (-1, "")
 
     def stamp(self, when: float) -> str:
         # whole milliseconds first: `when - int(when)` would turn .001 into .000999...
         second, millis = divmod(round(when * 1000), 1000)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{millis:03d}Z"
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (
+                second,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+            )
+        return f"{cached[1]}.{millis:03d}Z"
 
 
 _clock = _Clock()
