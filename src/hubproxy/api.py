@@ -399,7 +399,7 @@ class _RoutesApi:
         status = response.status
         self.stats.requests_api[status] += 1
         if status < 400:
-            log_info(f"{status} {method.upper()} {log_path} {message}")
+            log_info("%s %s %s %s", status, method.upper(), log_path, message)
         else:
             level = logging.WARNING if status < 500 else logging.ERROR
             log.log(level, "%s %s %s %s", status, method.upper(), log_path, message)
@@ -504,10 +504,10 @@ class _RoutesApi:
         if self.host_routing and key != "/":
             data["host"] = key.split("/")[1]
         target = data["target"]
-        log_info(f"Adding route {key} -> {target}")
+        log_info("Adding route %s -> %s", key, target)
         data["last_activity"] = datetime.now(UTC)
         await self.store.add(key, data)
-        log_info(f"Route added {key} -> {target}")
+        log_info("Route added %s -> %s", key, target)
         self.stats.api_route_add += 1
         return _bare(201)
 
@@ -519,7 +519,7 @@ class _RoutesApi:
         self.stats.api_route_delete += 1
         if not existed:
             return _bare(404)
-        log_info(f"Removing route {path}")
+        log_info("Removing route %s", path)
         return _bare(204)
 
 

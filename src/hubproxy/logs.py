@@ -229,11 +229,11 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     logging.logMultiprocessing = False
 
 
-def log_info(message: str) -> None:
-    """`logging.getLogger("hubproxy").info(message)` for the lines every API call logs: with the
-    handler `setup_logging` installed, the line is formatted and queued directly, without a
+def log_info(msg: str, *args: object) -> None:
+    """`logging.getLogger("hubproxy").info(msg, *args)` for the lines every API call logs: with
+    the handler `setup_logging` installed, the line is formatted and queued directly, without a
     LogRecord and the logging machinery (a third of an API write's CPU went there). Any other
-    set-up (a test's handler) gets the ordinary call."""
+    set-up (a test's handler) gets the ordinary call. Nothing is formatted below info level."""
     logger = _LOGGER
     if not logger.isEnabledFor(logging.INFO):
         return
@@ -241,10 +241,11 @@ def log_info(message: str) -> None:
     if len(handlers) == 1 and type(handlers[0]) is LineBatchingHandler:
         formatter = handlers[0].formatter
         if type(formatter) in (ChpFormatter, JsonFormatter):
+            message = msg % args if args else msg
             line = formatter.line(time.time(), "info", message)  # type: ignore[union-attr]
             handlers[0].lines.add(line)
             return
-    logger.info("%s", message)
+    logger.info(msg, *args)
 
 
 _LOGGER = logging.getLogger(LOGGER_NAME)
