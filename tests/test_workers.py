@@ -64,6 +64,14 @@ def wait_gone(pids: list[int], timeout: float = 15.0) -> None:
         time.sleep(0.02)
 
 
+def write_pair(leaf: trustme.LeafCert, folder: Path) -> tuple[Path, Path]:
+    """The leaf's key and certificate as files in `folder`: (key, cert)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    return key, cert
+
+
 def get_json(proxy: Proxy, path: str) -> tuple[int, dict]:
     status, _, body = proxy.request("GET", path)
     return status, (json.loads(body) if status == 200 else {})
@@ -247,10 +255,8 @@ def test_tls_reload_reaches_every_worker(
     start_proxy: Callable[..., Proxy], backend: Backend, tmp_path: Path
 ) -> None:
     ca = trustme.CA()
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     first, second = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
-    first.private_key_pem.write_to_path(str(key))
-    first.cert_chain_pems[0].write_to_path(str(cert))
+    key, cert = write_pair(first, tmp_path)
     proxy = start_proxy(
         "--workers", "2", "--ssl-key", str(key), "--ssl-cert", str(cert),
         "--default-target", backend.url,
@@ -309,11 +315,7 @@ def test_workers_with_the_sqlite_store_keep_routes_across_a_restart(
 def test_sighup_with_only_api_tls_leaves_the_workers_alone(
     start_proxy: Callable[..., Proxy], backend: Backend, tmp_path: Path
 ) -> None:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    leaf.private_key_pem.write_to_path(str(key))
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    key, cert = write_pair(trustme.CA().issue_cert("127.0.0.1"), tmp_path)
     proxy = start_proxy(
         "--workers", "2", "--api-ssl-key", str(key), "--api-ssl-cert", str(cert),
         "--default-target", backend.url,
