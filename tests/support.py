@@ -22,6 +22,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 TOKEN = "secret"
@@ -203,6 +204,17 @@ def http_request(
     timeout: float = 10.0,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    return exchange(conn, method, path, body, headers)
+
+
+def exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on `conn` (plain, TLS or Unix socket), its answer, and the connection closed."""
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -231,13 +243,7 @@ def http_request_unix(
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = _UnixHTTPConnection(path_to_socket, timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
+    return exchange(_UnixHTTPConnection(path_to_socket, timeout), method, path, body, headers)
 
 
 class Backend:
@@ -320,3 +326,46 @@ def echo_app(name: str = "backend") -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app.router.add_route("*", "/{tail:.*}", echo_handler(name))
     return app
+
+
+def ws_echo_app() -> web.Application:
+    """Echoes each text message of a WebSocket on any path; a plain request gets `plain`."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.Response(text="plain")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handler)
+    return app
+
+
+async def check_store_contract(store: Any) -> None:
+    """The RouteStore contract every store keeps (on an empty store)."""
+    assert await store.get_all() == {}
+    assert await store.get("/nope") is None
+    await store.add("/myRoute", {"target": "http://localhost:8213", "nested": {"a": [1, 2]}})
+    assert await store.get("/myRoute") == {
+        "target": "http://localhost:8213",
+        "nested": {"a": [1, 2]},
+    }
+    await store.add("/myRoute", {"target": "http://localhost:8214"})  # replaces, no merge
+    assert await store.get("/myRoute") == {"target": "http://localhost:8214"}
+    await store.update("/myRoute", {"version": 2, "test": "x"})
+    await store.update("/myRoute", {"version": 3})  # shallow merge
+    assert await store.get("/myRoute") == {
+        "target": "http://localhost:8214",
+        "version": 3,
+        "test": "x",
+    }
+    await store.update("/missing", {"target": "http://x"})  # a missing route stays missing
+    assert await store.get("/missing") is None
+    assert await store.remove("/myRoute") is True
+    assert await store.remove("/myRoute") is False
+    assert await store.get_all() == {}

@@ -15,12 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import websockets
-from aiohttp import web
 
 from hubproxy.logs import LOGGER_NAME, AccessLogWriter, setup_logging
-from support import TOKEN, Backend, Proxy, ProxyProcess, http_request, http_request_unix
+from support import (
+    TOKEN,
+    Backend,
+    Proxy,
+    ProxyProcess,
+    http_request,
+    http_request_unix,
+    ws_echo_app,
+)
 
 ACCESS = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[ConfigProxy\] info: "
@@ -41,20 +47,6 @@ def raw_exchange(host: str, port: int, request: bytes) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-def ws_app() -> web.Application:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await ws.send_str(msg.data)
-        return ws
-
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", handler)
-    return app
 
 
 # -- the access log, text --------------------------------------------------------------------------
@@ -85,7 +77,7 @@ def test_access_line_of_a_proxied_request(
 def test_access_lines_of_errors_health_and_websockets(
     start_proxy: Callable[..., Proxy], start_backend: Callable[..., Backend]
 ) -> None:
-    backend = start_backend(ws_app())
+    backend = start_backend(ws_echo_app())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"

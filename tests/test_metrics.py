@@ -9,10 +9,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 import websockets
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from hubproxy.metrics import (
@@ -25,7 +23,15 @@ from hubproxy.metrics import (
 )
 from hubproxy.proxy import DURATION_BUCKETS, ProxyStats
 from hubproxy.proxy.server import LOOKUP_SAMPLE_EVERY
-from support import Backend, Proxy, ProxyProcess, _address, http_request, http_request_unix
+from support import (
+    Backend,
+    Proxy,
+    ProxyProcess,
+    _address,
+    http_request,
+    http_request_unix,
+    ws_echo_app,
+)
 
 _SERVE = re.compile(r"info: Serve metrics at (\S+)/metrics$")
 
@@ -100,22 +106,6 @@ def scrape(proxy: ProxyProcess) -> Scrape:
     assert status == 200, body
     assert headers["Content-Type"] == CONTENT_TYPE
     return Scrape(body.decode("utf-8"))
-
-
-def ws_echo_app() -> web.Application:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.Response(text="plain")
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await ws.send_str(msg.data)
-        return ws
-
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", handler)
-    return app
 
 
 def dead_port() -> int:

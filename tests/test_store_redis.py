@@ -21,6 +21,7 @@ from hubproxy.routing import RouteTable
 from hubproxy.store import RouteStore, StoreSpecError, StoreUnavailable, open_store
 from hubproxy.store.redis import RedisStore, parse_redis_url, redact
 from redis_server import RedisServer, free_port, require_redis_server
+from support import check_store_contract
 
 NOW = datetime(2026, 11, 26, 3, 19, 15, 214123, tzinfo=UTC)
 
@@ -116,32 +117,20 @@ async def test_a_url_redis_py_cannot_use() -> None:
         await open_store("redis://h:port/0").start()
 
 
+async def added(store: RedisStore, key: str, target: str) -> bool:
+    """Add a route; False while Redis is away (StoreUnavailable)."""
+    try:
+        await store.add(key, {"target": target})
+    except StoreUnavailable:
+        return False
+    return True
+
+
 # -- the contract --------------------------------------------------------------------------------
 
 
 async def test_contract(make_store: Callable[..., asyncio.Future[RedisStore]]) -> None:
-    store = await make_store()
-    assert await store.get_all() == {}
-    assert await store.get("/nope") is None
-    await store.add("/myRoute", {"target": "http://localhost:8213", "nested": {"a": [1, 2]}})
-    assert await store.get("/myRoute") == {
-        "target": "http://localhost:8213",
-        "nested": {"a": [1, 2]},
-    }
-    await store.add("/myRoute", {"target": "http://localhost:8214"})  # replaces, no merge
-    assert await store.get("/myRoute") == {"target": "http://localhost:8214"}
-    await store.update("/myRoute", {"version": 2, "test": "x"})
-    await store.update("/myRoute", {"version": 3})
-    assert await store.get("/myRoute") == {
-        "target": "http://localhost:8214",
-        "version": 3,
-        "test": "x",
-    }
-    await store.update("/missing", {"target": "http://x"})
-    assert await store.get("/missing") is None
-    assert await store.remove("/myRoute") is True
-    assert await store.remove("/myRoute") is False
-    assert await store.get_all() == {}
+    await check_store_contract(await make_store())
 
 
 async def test_insertion_order(make_store: Callable[..., asyncio.Future[RedisStore]]) -> None:
@@ -361,14 +350,7 @@ async def test_redis_restarted(
     server.start()
 
     # everything comes back: the data (AOF), the feed, the writes
-    async def added() -> bool:
-        try:
-            await a.add("/user/y", {"target": "http://y"})
-        except StoreUnavailable:
-            return False
-        return True
-
-    await eventually_async(added)
+    await eventually_async(lambda: added(a, "/user/y", "http://y"))
     await eventually(lambda: tb.get("/user/y") is not None)
     assert list(await b.get_all()) == ["/user/x", "/user/y"]
 
@@ -452,12 +434,5 @@ async def test_redis_hanging_is_a_503_in_bounded_time(
     finally:
         server.proc.send_signal(signal.SIGCONT)
 
-    async def added() -> bool:
-        try:
-            await a.add("/user/y", {"target": "http://y"})
-        except StoreUnavailable:
-            return False
-        return True
-
-    await eventually_async(added)
+    await eventually_async(lambda: added(a, "/user/y", "http://y"))
     assert list(await a.get_all()) == ["/user/x", "/user/y"]

@@ -19,7 +19,7 @@ import pytest
 from hubproxy.routing import RouteTable
 from hubproxy.store import RouteStore, StoreSpecError, StoreUnavailable, open_store
 from hubproxy.store.sqlite import SQLiteStore
-from support import Backend, Proxy, http_request
+from support import Backend, Proxy, check_store_contract, http_request
 
 NOW = datetime(2026, 11, 26, 3, 19, 15, 214123, tzinfo=UTC)
 
@@ -100,27 +100,7 @@ async def test_a_newer_schema_is_refused(db: Path) -> None:
 
 
 async def test_contract(store: SQLiteStore) -> None:
-    assert await store.get_all() == {}
-    assert await store.get("/nope") is None
-    await store.add("/myRoute", {"target": "http://localhost:8213", "nested": {"a": [1, 2]}})
-    assert await store.get("/myRoute") == {
-        "target": "http://localhost:8213",
-        "nested": {"a": [1, 2]},
-    }
-    await store.add("/myRoute", {"target": "http://localhost:8214"})  # replaces, no merge
-    assert await store.get("/myRoute") == {"target": "http://localhost:8214"}
-    await store.update("/myRoute", {"version": 2, "test": "x"})
-    await store.update("/myRoute", {"version": 3})  # shallow merge
-    assert await store.get("/myRoute") == {
-        "target": "http://localhost:8214",
-        "version": 3,
-        "test": "x",
-    }
-    await store.update("/missing", {"target": "http://x"})  # a missing route stays missing
-    assert await store.get("/missing") is None
-    assert await store.remove("/myRoute") is True
-    assert await store.remove("/myRoute") is False
-    assert await store.get_all() == {}
+    await check_store_contract(store)
 
 
 async def test_get_returns_a_copy(store: SQLiteStore) -> None:

@@ -42,7 +42,7 @@ from hubproxy.tls import (
     public_side,
     server_context,
 )
-from support import TOKEN, Backend, Proxy, echo_app
+from support import TOKEN, Backend, Proxy, echo_app, exchange
 from test_websocket import ws_app
 
 # RFC 7919 ffdhe2048, as `openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048` writes
@@ -180,6 +180,11 @@ def start_tls_backend() -> Iterator[Callable[..., TLSBackend]]:
         backend.stop()
 
 
+def server_tls(pki: PKI) -> tuple[str, ...]:
+    """The public listener's TLS options with the PKI's server certificate."""
+    return ("--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert)
+
+
 def https(
     port: int,
     path: str,
@@ -189,12 +194,7 @@ def https(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, http.client.HTTPMessage, bytes]:
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
+    return exchange(conn, method, path, body, headers)
 
 
 def api_https(
@@ -255,10 +255,7 @@ def replace_file(path: str, data: bytes) -> None:
 
 def test_basic_https_request(pki: PKI, start_proxy: Callable[..., Proxy], backend: Backend) -> None:
     """CHP's CLI test "basic HTTPS request" (§6.4 case 2), with a verifying client."""
-    proxy = start_proxy(
-        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
-        "--default-target", backend.url,
-    )  # fmt: skip
+    proxy = start_proxy(*server_tls(pki), "--default-target", backend.url)
     assert proxy.public_url.startswith("https://127.0.0.1:")
     assert proxy.api_url.startswith("http://")  # the API stays plain without --api-ssl-*
     status, _, body = https(proxy.port, "/some/path?x=1", pki.client_context())
@@ -286,10 +283,7 @@ async def test_wss_through_the_proxy(
     """A WebSocket over TLS to a plain backend: X-Forwarded-Proto is `wss`."""
     app = ws_app()
     backend = start_backend(app)
-    proxy = start_proxy(
-        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
-        "--default-target", backend.url,
-    )  # fmt: skip
+    proxy = start_proxy(*server_tls(pki), "--default-target", backend.url)
     url = f"wss://127.0.0.1:{proxy.port}/ws/path"
     async with websockets.connect(url, ssl=pki.client_context(), close_timeout=1) as ws:
         assert await ws.recv() == "connected"
@@ -310,10 +304,7 @@ async def test_wss_close_is_prompt(
     """The target ends the WebSocket (as RFC 6455 has servers do): the TLS client sees the end
     at once, not after its own close timeout."""
     backend = start_backend(ws_app())
-    proxy = start_proxy(
-        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
-        "--default-target", backend.url,
-    )  # fmt: skip
+    proxy = start_proxy(*server_tls(pki), "--default-target", backend.url)
     started = time.monotonic()
     url = f"wss://127.0.0.1:{proxy.port}/ws"
     async with websockets.connect(url, ssl=pki.client_context(), close_timeout=2) as ws:
@@ -327,10 +318,7 @@ def test_tls_client_ending_a_tunnel_is_quiet(
     """A TLS client that ends a WebSocket with close_notify: the tunnel closes, nothing logged."""
     app = ws_app()
     backend = start_backend(app)
-    proxy = start_proxy(
-        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
-        "--default-target", backend.url,
-    )  # fmt: skip
+    proxy = start_proxy(*server_tls(pki), "--default-target", backend.url)
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         tls.sendall(
@@ -358,7 +346,7 @@ def test_tls_client_ending_a_tunnel_is_quiet(
 def test_public_request_cert(pki: PKI, start_proxy: Callable[..., Proxy], backend: Backend) -> None:
     """`--ssl-request-cert` alone requires a valid client certificate, as CHP behaves."""
     proxy = start_proxy(
-        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
+        *server_tls(pki),
         "--ssl-ca", pki.ca_file, "--ssl-request-cert",
         "--default-target", backend.url,
     )  # fmt: skip
@@ -375,7 +363,7 @@ def test_ssl_protocol_limits_the_version(
     pki: PKI, start_proxy: Callable[..., Proxy], backend: Backend
 ) -> None:
     proxy = start_proxy(
-        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
+        *server_tls(pki),
         "--ssl-protocol", "TLSv1_2", "--default-target", backend.url,
     )  # fmt: skip
     tls12 = pki.client_context()
@@ -626,7 +614,7 @@ async def test_wss_to_an_https_target(
     """TLS on both legs of a WebSocket, with the client certificate on the upstream leg."""
     backend = start_tls_backend(tls_server_context(pki.backend, client_ca=pki.ca_file), ws_app())
     proxy = start_proxy(
-        "--ssl-key", pki.server.key, "--ssl-cert", pki.server.cert,
+        *server_tls(pki),
         "--client-ssl-key", pki.client.key, "--client-ssl-cert", pki.client.cert,
         "--client-ssl-ca", pki.other_ca_file, "--default-target", backend.url,
     )  # fmt: skip

@@ -22,7 +22,7 @@ import trustme
 import websockets
 from aiohttp import web
 
-from support import Backend, Proxy, echo_app, http_request
+from support import Backend, Proxy, echo_app, http_request, ws_echo_app
 
 NEW_CONNECTIONS = 60  # each request on a new connection: the kernel spreads them over workers
 
@@ -224,16 +224,7 @@ def test_workers_leave_when_the_primary_is_killed(
 async def test_websockets_through_workers(
     start_proxy: Callable[..., Proxy], start_backend: Callable[..., Backend]
 ) -> None:
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for message in ws:
-            await ws.send_str(message.data)
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws", echo)
-    backend = start_backend(app)
+    backend = start_backend(ws_echo_app())
     proxy = start_proxy("--workers", "2", "--default-target", backend.url)
     for i in range(20):  # new connections: both workers tunnel some
         async with websockets.connect(f"ws://127.0.0.1:{proxy.port}/ws") as ws:
