@@ -107,6 +107,8 @@ VALUE_OPTIONS: dict[str, tuple[str, str, Any]] = {
     "--keep-alive-timeout": ("7000", "keep_alive_timeout", 7000),
     "--log-format": ("json", "log_format", "json"),
     "--workers": ("4", "workers", 4),
+    "--headers-timeout": ("30000", "headers_timeout", 30000),
+    "--max-header-size": ("16384", "max_header_size", 16384),
 }
 
 # flag -> (Config field, value it sets)

@@ -49,6 +49,8 @@ LOG_FORMATS = ("text", "json")
 MAX_PORT = 65535
 MAX_MILLISECONDS = 2**31 - 1  # Node's (and so CHP's) largest timer
 MAX_WORKERS = 256
+MIN_HEADER_SIZE = 1024  # below this not even a JupyterHub login request fits
+MAX_HEADER_SIZE = 1 << 24
 
 ENV_TOKEN = "CONFIGPROXY_AUTH_TOKEN"
 ENV_TOKEN_FILE = "CONFIGPROXY_AUTH_TOKEN_FILE"
@@ -239,6 +241,18 @@ def _build_parser(prog: str) -> _Parser:
         "Set timeout (in milliseconds) for Keep-Alive connections (default: 5000)",
     )
     value(
+        "--headers-timeout",
+        "<timeout>",
+        "hubproxy: time (in milliseconds) a client has to send a request's whole head, "
+        "from its first byte; 0 for none (default: 60000, as Node's)",
+    )
+    value(
+        "--max-header-size",
+        "<bytes>",
+        "hubproxy: the largest request or response head (request or status line and headers) "
+        "and the largest trailer block (default: 65536)",
+    )
+    value(
         "--log-format",
         "<format>",
         "hubproxy: log line format, text (CHP's lines) or json (default: text)",
@@ -328,6 +342,13 @@ def _milliseconds(name: str, value: str | None) -> int | None:
     if value is None:
         return None
     return _integer(name, value, 0, MAX_MILLISECONDS, f"milliseconds from 0 to {MAX_MILLISECONDS}")
+
+
+def _bytes(name: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    what = f"a size in bytes from {MIN_HEADER_SIZE} to {MAX_HEADER_SIZE}"
+    return _integer(name, value, MIN_HEADER_SIZE, MAX_HEADER_SIZE, what)
 
 
 def _target(name: str, value: str | None) -> str | None:
@@ -463,6 +484,8 @@ def parse(
     keep_alive = _milliseconds("--keep-alive-timeout", ns.get("keep_alive_timeout"))
     timeout = _milliseconds("--timeout", ns.get("timeout"))
     proxy_timeout = _milliseconds("--proxy-timeout", ns.get("proxy_timeout"))
+    headers_timeout = _milliseconds("--headers-timeout", ns.get("headers_timeout"))
+    max_header_size = _bytes("--max-header-size", ns.get("max_header_size"))
 
     return Config(
         ip=ip,
@@ -512,6 +535,8 @@ def parse(
         timeout=timeout or None,  # 0 = no timeout, as CHP
         proxy_timeout=proxy_timeout or None,
         keep_alive_timeout=keep_alive or 5000,  # CHP: missing or 0 means 5000
+        headers_timeout=60000 if headers_timeout is None else headers_timeout,
+        max_header_size=64 * 1024 if max_header_size is None else max_header_size,
         auth_token=auth_token_from_env(environ),
         pid_file=_path("--pid-file", ns.get("pid_file")),
         log_level=log_level,

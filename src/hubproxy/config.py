@@ -74,6 +74,10 @@ class Config:
     timeout: int | None = None
     proxy_timeout: int | None = None
     keep_alive_timeout: int = 5000
+    headers_timeout: int = 60000  # hubproxy: a request head must arrive within this (Node's)
+
+    # limits on what a peer can make us hold (docs/limits.md)
+    max_header_size: int = 64 * 1024  # request line + headers, or a response's status + headers
 
     # process
     auth_token: str | None = None  # None or "" = the API is not authenticated

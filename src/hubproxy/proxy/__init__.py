@@ -14,7 +14,7 @@ from hubproxy.config import Config
 from hubproxy.proxy.errors import ErrorPages
 from hubproxy.proxy.headers import ForwardRules
 from hubproxy.proxy.server import DURATION_BUCKETS, ClientConnection
-from hubproxy.proxy.target import parse_target
+from hubproxy.proxy.target import Target, parse_target
 from hubproxy.proxy.upstream import Pool
 from hubproxy.routing import Route, RouteTable, split_segments
 from hubproxy.tls import client_context
@@ -26,6 +26,10 @@ log = logging.getLogger("hubproxy")
 AccessLog = Callable[[int, bytes, bytes, float, int, str | None, bytes], None]
 
 UPSTREAM_IDLE_SECONDS = 30.0  # pooled connections unused this long are closed
+# after an answer sent before its request's body was read (an error, an early answer), the rest
+# of the body is read and dropped for this long at most, so that the client reads the answer
+# (nginx's lingering_time)
+LINGER_SECONDS = 30.0
 
 
 LOOKUP_SAMPLES = 1024  # the newest timed lookups kept for the quantiles
@@ -147,12 +151,18 @@ class ProxyService:
         self.keep_alive_header = b"Connection: keep-alive\r\nKeep-Alive: timeout=%d\r\n" % max(
             1, config.keep_alive_timeout // 1000
         )
+        self.max_head_bytes = config.max_header_size
+        # --proxy-timeout bounds connecting to a target as well (else: the kernel's retries)
+        self.connect_timeout = (config.proxy_timeout or 0) / 1000 or None
         self.debug = log.isEnabledFor(logging.DEBUG)  # checked once: logging calls cost per request
         # --access-log: called with each finished request (see hubproxy.logs.AccessLogWriter)
         self.access_log: AccessLog | None = None
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self._pools: dict[str, Pool] = {}
+        # one pool per origin (scheme, host, port or socket); `_targets` caches each route
+        # target's parse and its pool, and forgets both with the pool (see _sweep)
+        self._pools: dict[tuple[str, str, int, str | None], Pool] = {}
+        self._targets: dict[str, tuple[Target, Pool]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -163,17 +173,32 @@ class ProxyService:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return ClientConnection(self)
 
-    def pool_for(self, target: str) -> Pool:
-        pool = self._pools.get(target)
+    def pool_for(self, target: str) -> tuple[Target, Pool]:
+        """A route target parsed, and the pool of connections to its origin."""
+        found = self._targets.get(target)
+        if found is not None:
+            return found
+        parsed = parse_target(target)  # TargetError propagates: a 500 for this request
+        pool = self._pools.get(parsed.pool_key)
         if pool is None:
-            parsed = parse_target(target)  # TargetError propagates: a 500 for this request
             ssl_context = None
             if parsed.scheme == "https":
                 if self.client_ssl is None:  # no client TLS options: the system's CAs, built once
                     self.client_ssl = client_context(self.config)
                 ssl_context = self.client_ssl
-            pool = self._pools[target] = Pool(parsed, ssl_context)
-        return pool
+            pool = self._pools[parsed.pool_key] = Pool(parsed, ssl_context)
+        found = self._targets[target] = (parsed, pool)
+        return found
+
+    def _forget_unused_pools(self) -> None:
+        """Drop the pools with nothing in them, and the cached targets that lead to them: a
+        hub that starts each server on a new port would otherwise keep a pool per server."""
+        unused = [key for key, pool in self._pools.items() if pool.unused]
+        if not unused:
+            return
+        for key in unused:
+            del self._pools[key]
+        self._targets = {t: found for t, found in self._targets.items() if not found[1].unused}
 
     def set_client_ssl(self, context: ssl.SSLContext) -> None:
         """TLS towards https targets and the error target (at start, and after a reload): new
@@ -235,6 +260,8 @@ class ProxyService:
             limits.append(self.config.timeout)
         if self.config.proxy_timeout:
             limits.append(self.config.proxy_timeout)
+        if self.config.headers_timeout:
+            limits.append(self.config.headers_timeout)
         return max(0.05, min(1.0, min(limits) / 1000 / 5))
 
     async def _sweep(self) -> None:
@@ -243,14 +270,20 @@ class ProxyService:
         keep_alive = self.config.keep_alive_timeout / 1000
         client_timeout = (self.config.timeout or 0) / 1000
         proxy_timeout = (self.config.proxy_timeout or 0) / 1000
+        headers_timeout = self.config.headers_timeout / 1000
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.tunnel:
                     continue
+                if headers_timeout and conn.head_began and now - conn.head_began > headers_timeout:
+                    conn.head_timed_out()  # a slow head (slowloris): 408, as Node
+                    continue
                 if conn.active is None:
-                    if now - max(conn.idle_since, conn.last_io) > keep_alive:
+                    if now - max(conn.idle_since, conn.last_io) > keep_alive or (
+                        conn.unfinished is not None and now - conn.idle_since > LINGER_SECONDS
+                    ):
                         conn.close()
                     continue
                 if client_timeout and now - conn.last_io > client_timeout:
@@ -268,7 +301,7 @@ class ProxyService:
                         request = conn.active
                         upstream.client = None
                         upstream.request = None
-                        upstream.pool.in_use -= 1
+                        upstream.pool.forget()
                         upstream.abort()
                         conn.upstream_failed(
                             request, None, retryable=False, detail="socket hang up"
@@ -276,6 +309,7 @@ class ProxyService:
             for pool in self._pools.values():
                 if pool.idle:
                     pool.close_idle(UPSTREAM_IDLE_SECONDS)
+            self._forget_unused_pools()
 
     # -- stopping ---------------------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ _SPECIAL_REQUEST = {
     b"trailer": _DROP,
 }
 
-NO_BODY, LENGTH_BODY, CHUNKED_BODY, BAD_FRAMING = 0, 1, 2, 3
+# how a request's body is framed; the last two are requests that cannot be forwarded (400)
+NO_BODY, LENGTH_BODY, CHUNKED_BODY, BAD_FRAMING, BAD_HOST = 0, 1, 2, 3, 4
 
 
 class ForwardRules:
@@ -61,6 +62,9 @@ class ForwardRules:
             del special[b"x-forwarded-host"]
         for lowered in custom:  # custom headers replace the client's, whatever their case
             special[lowered] = _DROP
+        # the client's Host is still read (RFC 9112 §3.2: exactly one, or a 400), even when a
+        # custom Host replaces it upstream
+        special[b"host"] = _HOST
         self.special = special
         # a custom Host or X-Forwarded-* also replaces the one the proxy would compute
         self.custom_host = b"host" in custom and not config.change_origin
@@ -69,7 +73,7 @@ class ForwardRules:
 
 class RequestHead(NamedTuple):
     head: bytes
-    body: int  # NO_BODY, LENGTH_BODY, CHUNKED_BODY or BAD_FRAMING
+    body: int  # NO_BODY, LENGTH_BODY, CHUNKED_BODY, or BAD_FRAMING / BAD_HOST (a 400)
     host: bytes | None  # the client's Host header
 
 
@@ -104,14 +108,19 @@ def build_request_head(
         if kind is None:
             out += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
+            if host is not None:  # which one would the target believe? (RFC 9112 §3.2)
+                return RequestHead(b"", BAD_HOST, host)
             host = value
         elif kind == _LENGTH:
             body = LENGTH_BODY
             out += (name, b": ", value, b"\r\n")
         elif kind == _CHUNKED:
             # llhttp refuses other codings only after the head is parsed, so check here: we
-            # frame bodies ourselves and understand nothing but `chunked` (RFC 9112 §6.1: 400)
-            body = CHUNKED_BODY if value.strip().lower() == b"chunked" else BAD_FRAMING
+            # frame bodies ourselves and understand nothing but `chunked` (RFC 9112 §6.1: 400),
+            # spelt on one line or several (a second line is a second coding)
+            if body == CHUNKED_BODY or value.strip().lower() != b"chunked":
+                return RequestHead(b"", BAD_FRAMING, host)
+            body = CHUNKED_BODY
         elif kind == _CONNECTION:
             connection_options += (o.strip().lower() for o in value.split(b","))
         elif kind == _XFF:

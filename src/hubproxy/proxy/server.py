@@ -9,6 +9,13 @@ are written to the upstream as they are parsed; chunks that arrive before an ups
 attached wait in `Request.pending`, and reading pauses meanwhile. The upstream leg writes the
 response and calls `response_done`, which starts the next request or leaves the connection idle.
 
+Limits (docs/limits.md). A request head (request line and headers) and a trailer block may hold
+at most `--max-header-size` bytes and MAX_HEADERS lines, counted as bytes arrive: `unparsed`
+counts the bytes read since the parser last got anywhere (a head or a trailer block completed,
+body bytes delivered), so even a header line that never ends costs at most that much, plus one
+read. A head must also arrive within `--headers-timeout` of its first byte (the sweeper in
+`hubproxy.proxy` enforces it, and answers 408).
+
 Flow control: reading from the client pauses while the upstream's write buffer is full, and
 reading from the upstream pauses while the client's write buffer is full (`pause_writing`).
 Several reasons can pause reading at once; `_pause`/`_resume` keep them as bits.
@@ -29,7 +36,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from hubproxy.proxy.errors import ErrorBody, reason
-from hubproxy.proxy.headers import BAD_FRAMING, build_request_head
+from hubproxy.proxy.headers import BAD_FRAMING, CHUNKED_BODY, NO_BODY, build_request_head
 from hubproxy.proxy.paths import (
     BadPath,
     decode_path,
@@ -47,7 +54,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hubproxy")
 
-MAX_HEAD_BYTES = 64 * 1024  # request line plus headers; beyond it: 431
+# header lines in a head (or a trailer block): each costs ~130 bytes of Python objects, so 1,000
+# bound a head's memory to ~200 KiB (Node keeps 2,000 and drops the rest; Apache refuses 101)
+MAX_HEADERS = 1000
+# a request sent on a reused upstream connection that the target had closed meanwhile is sent
+# again only if repeating it is harmless (RFC 9110 §9.2.2)
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 LOOKUP_SAMPLE_EVERY = 16  # one route lookup in this many is timed (find_target_for_req)
 # request durations: upper bounds (seconds) of the histogram's buckets; a last bucket is +Inf
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -58,7 +70,7 @@ _PIPELINE, _CONNECTING, _UPSTREAM_FULL = 1, 2, 4
 
 
 class HeadTooLarge(Exception):
-    """The request line and headers exceed MAX_HEAD_BYTES (answered with 431)."""
+    """A request head or trailer block passed --max-header-size or MAX_HEADERS (a 431)."""
 
 
 class Request:
@@ -111,7 +123,10 @@ class ClientConnection(asyncio.Protocol):
         self.unfinished: Request | None = None  # answered, but its body is still arriving
         self.upstream: UpstreamConnection | None = None
         self.upstream_out: list[bytes] = []
-        self.head_bytes = 0
+        self.head_bytes = 0  # of the current head (or trailer block), whole lines
+        self.head_lines = 0
+        self.unparsed = 0  # bytes read since the parser last completed something
+        self.head_began = 0.0  # when the current head's first byte arrived; 0.0: no head under way
         self.paused = 0
         self.closed = False
         self.tunnel = False
@@ -146,7 +161,7 @@ class ClientConnection(asyncio.Protocol):
         if upstream is not None:
             # its response was not read to its end: never reuse it
             if not upstream.tunnel:
-                upstream.pool.in_use -= 1
+                upstream.pool.forget()
             upstream.abort()
 
     def close(self) -> None:
@@ -234,6 +249,8 @@ class ClientConnection(asyncio.Protocol):
                 if active is not None and active.route is not None:
                     self.service.table.mark_active(active.route)
             return
+        # reset by the callbacks that show progress; what is left counts towards the head limit
+        self.unparsed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -258,6 +275,8 @@ class ClientConnection(asyncio.Protocol):
             self._bad_request(400, e)
             return
         self._flush_upstream()
+        if self.unparsed > self.service.max_head_bytes:
+            self._bad_request(431, HeadTooLarge(f"{self.unparsed} bytes of an unfinished head"))
 
     def _flush_upstream(self) -> None:
         out = self.upstream_out
@@ -271,11 +290,14 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_PIPELINE)
 
     def _bad_request(self, status: int, exc: BaseException | None) -> None:
+        self.head_began = 0.0
+        if self.closed:
+            return
         if self.active is not None:
             # a request is being answered: its answer cannot be followed by ours
             self.abort()
             return
-        log.debug("Bad request from %s: %s", self.client_ip.decode(), exc)
+        log.debug("Bad request from %s: %d %s", self.client_ip.decode(), status, exc)
         body = reason(status)
         self.transport_write(
             b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
@@ -283,33 +305,42 @@ class ClientConnection(asyncio.Protocol):
         )
         self.close()
 
+    def head_timed_out(self) -> None:
+        """--headers-timeout passed since the current head's first byte (the sweeper's call)."""
+        self._bad_request(408, TimeoutError("request head not received in time"))
+
     def on_message_begin(self) -> None:
         self.parsing = Request(self.last_io)
         self.head_bytes = 0
+        self.head_lines = 0
+        self.head_began = self.last_io
 
     def on_url(self, url: bytes) -> None:
         request = self.parsing
         assert request is not None
         request.url += url
         self.head_bytes += len(url)
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise HeadTooLarge
+        if self.head_bytes > self.service.max_head_bytes:
+            raise HeadTooLarge(f"request line longer than {self.service.max_head_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
         assert request is not None
-        if request.headers_done:
-            return  # a trailer: dropped, as CHP does
-        request.headers.append((name, value))
         self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise HeadTooLarge
+        self.head_lines += 1
+        if self.head_bytes > self.service.max_head_bytes or self.head_lines > MAX_HEADERS:
+            raise HeadTooLarge(f"{self.head_lines} header lines, {self.head_bytes} bytes")
+        if not request.headers_done:
+            request.headers.append((name, value))
+        # else: a trailer, counted above and dropped, as CHP does
 
     def on_headers_complete(self) -> None:
         request = self.parsing
         assert request is not None
         parser = self.parser
         request.headers_done = True
+        self.unparsed = self.head_bytes = self.head_lines = 0  # trailers are counted afresh
+        self.head_began = 0.0
         request.method = method = parser.get_method()
         request.head = method == b"HEAD"
         request.http11 = parser.get_http_version() == "1.1"
@@ -321,6 +352,7 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(request)
 
     def on_body(self, body: bytes) -> None:
+        self.unparsed = 0
         request = self.parsing
         assert request is not None
         if request.route is not None:  # CHP counts every body chunk as activity
@@ -329,13 +361,14 @@ class ClientConnection(asyncio.Protocol):
         if pending is not None:
             pending.append(body)
         elif request is self.active and self.upstream is not None:
-            if request.body_kind == 2:
+            if request.body_kind == CHUNKED_BODY:
                 self.upstream_out += (b"%x\r\n" % len(body), body, b"\r\n")
             else:
                 self.upstream_out.append(body)
         # else: the answer was an error; the rest of the body is read and dropped
 
     def on_message_complete(self) -> None:
+        self.unparsed = 0
         request = self.parsing
         assert request is not None
         request.complete = True
@@ -343,25 +376,31 @@ class ClientConnection(asyncio.Protocol):
             self.unfinished = None
             self._next()
             return
-        if request.pending is None and request.body_kind == 2 and request is self.active:
+        if request.pending is None and request.body_kind == CHUNKED_BODY and request is self.active:
             self.upstream_out.append(b"0\r\n\r\n")
 
     # -- answering -------------------------------------------------------------------------------
 
     def start(self, request: Request) -> None:
+        """A request's head is complete and it is its turn: answer it."""
         if self.closed:  # answered and closed while httptools was still parsing this read
             return
         self.active = request
-        service = self.service
-        url = request.url
-        if url == b"/_chp_healthz":
+        if request.url == b"/_chp_healthz":
             self._send_health(request)
             return
-        stats = service.stats
+        stats = self.service.stats
         if request.upgrade:
             stats.requests_ws += 1
         else:
             stats.requests_web += 1
+        self._forward(request)
+
+    def _forward(self, request: Request) -> None:
+        """Route `request` and send it to its target (again, after a stale pooled connection)."""
+        service = self.service
+        stats = service.stats
+        url = request.url
         try:
             path, query = split_target(url)
             key = decode_path(path)
@@ -369,10 +408,13 @@ class ClientConnection(asyncio.Protocol):
             self.fail(request, 500, f"URIError: {e}")
             return
         if service.host_routing:
-            for name, value in request.headers:
-                if name.lower() == b"host":
-                    request.host = value
-                    break
+            hosts = [value for name, value in request.headers if name.lower() == b"host"]
+            if len(hosts) > 1 or (not hosts and request.http11):
+                # RFC 9112 §3.2; HTTP/1.0 may omit it (CHP then routes to `undefined`)
+                self.active = None
+                self._bad_request(400, ValueError("no Host header, or more than one"))
+                return
+            request.host = hosts[0] if hosts else None
             key = host_key(request.host, key)
         if stats.timing:  # find_target_for_req: one lookup in LOOKUP_SAMPLE_EVERY is timed
             stats.lookups = lookups = stats.lookups + 1
@@ -394,11 +436,10 @@ class ClientConnection(asyncio.Protocol):
                 return
             request.websocket = True
         try:
-            pool = service.pool_for(route.target)
+            target, pool = service.pool_for(route.target)
         except TargetError as e:
             self.fail(request, 500, str(e))
             return
-        target = pool.target
         if not service.include_prefix:
             path = strip_prefix(path, service.prefix_depth(route))
         if service.prepend_path:
@@ -418,9 +459,10 @@ class ClientConnection(asyncio.Protocol):
             service.ws_proto if request.websocket else service.proto,
             websocket=request.websocket,
         )
-        if head.body == BAD_FRAMING:
+        if head.body >= BAD_FRAMING or (head.host is None and request.http11):
+            # conflicting framing or Host headers, or an HTTP/1.1 request without a Host
             self.active = None
-            self._bad_request(400, None)
+            self._bad_request(400, ValueError("bad Transfer-Encoding or Host headers"))
             return
         request.host = head.host
         request.body_kind = head.body
@@ -445,8 +487,15 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect(self, request: Request, pool: Pool, head: bytes) -> None:
         try:
-            conn = await pool.connect()
-        except (TimeoutError, OSError, ValueError) as e:
+            # --proxy-timeout covers connecting too: a target that drops SYNs would otherwise
+            # hold the request for the kernel's two minutes of retries
+            async with asyncio.timeout(self.service.connect_timeout):
+                conn = await pool.connect()
+        except TimeoutError:
+            self._resume(_CONNECTING)
+            self.upstream_failed(request, None, retryable=False, detail="socket hang up")
+            return
+        except (OSError, ValueError) as e:
             self._resume(_CONNECTING)
             self.upstream_failed(request, e, retryable=False)
             return
@@ -461,7 +510,7 @@ class ClientConnection(asyncio.Protocol):
         conn.begin(self, request)
         out = [head]
         pending = request.pending or ()
-        if request.body_kind == 2:
+        if request.body_kind == CHUNKED_BODY:
             for chunk in pending:
                 out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
             if request.complete:
@@ -526,7 +575,9 @@ class ClientConnection(asyncio.Protocol):
         if not request.complete:
             # answered before its body was read (an error, the health check, an early answer):
             # read the rest and drop it, so the client can finish sending and read our answer
+            # (for LINGER_SECONDS at most, counted from now)
             self.unfinished = request
+            self.idle_since = time.monotonic()
             return
         self._next()
 
@@ -563,15 +614,19 @@ class ClientConnection(asyncio.Protocol):
         if request is not self.active or self.closed:
             return
         route = request.route
-        if retryable and request.body_kind == 0 and route is not None:
+        if (
+            retryable
+            and request.body_kind == NO_BODY
+            and request.method in IDEMPOTENT
+            and route is not None
+        ):
             # a kept-alive connection the target had closed meanwhile: one fresh try
             request.pending = []
-            self.active = None
-            self.start(request)
+            self._forward(request)
             return
         if detail is None:
             try:
-                target = self.service.pool_for(route.target).target if route else None
+                target = self.service.pool_for(route.target)[0] if route else None
             except TargetError:
                 target = None
             detail = describe_error(exc, target) if target is not None else str(exc)

@@ -7,7 +7,14 @@ produces into a single write. After a complete response that left the connection
 goes back to its `Pool`; anything else closes it, so a connection whose response was not read
 to its end is never reused.
 
-After a `101 Switching Protocols` the connection becomes one half of a byte tunnel (WebSocket).
+After a `101 Switching Protocols` the connection becomes one half of a byte tunnel (WebSocket),
+but only when the request asked for that upgrade: a target that answers 101 to anything else
+would otherwise take over the client's connection, and the requests that follow on it.
+
+Limits (docs/limits.md): a response head is held to `--max-header-size` bytes and MAX_HEADERS
+lines, counted as bytes arrive (as on the client leg); past them, the client gets the answer for
+a broken target. A target that sends more than its response (bytes after a response that ends
+by its framing) has its connection closed instead of pooled; the client keeps its answer.
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("hubproxy")
 
 MAX_IDLE_PER_TARGET = 256  # Node's keep-alive agent keeps as many free sockets
+MAX_HEADERS = 1000  # header lines in a response head (as for requests: see server.py)
 _REWRITE_STATUSES = frozenset({201, 301, 302, 307, 308})
+
+
+class BadResponse(Exception):
+    """The target's answer cannot be relayed (raised in a parser callback; its message is
+    logged)."""
 
 
 def describe_error(exc: BaseException | None, target: Target) -> str:
@@ -64,6 +77,11 @@ class Pool:
         self.in_use = 0
         self.loop = asyncio.get_running_loop()
 
+    @property
+    def unused(self) -> bool:
+        """Nothing lent, nothing being connected, nothing idle: the pool may be forgotten."""
+        return not self.in_use and not self.idle
+
     def take(self) -> UpstreamConnection | None:
         idle = self.idle
         while idle:
@@ -75,23 +93,33 @@ class Pool:
         return None
 
     async def connect(self) -> UpstreamConnection:
+        """A new connection, lent to the caller (counted in `in_use` from the first attempt)."""
         target = self.target
-        if target.unix_path is not None:
-            _, conn = await self.loop.create_unix_connection(
-                lambda: UpstreamConnection(self), target.unix_path
-            )
-        else:
-            _, conn = await self.loop.create_connection(
-                lambda: UpstreamConnection(self),
-                target.host,
-                target.port,
-                ssl=self.ssl_context,
-                server_hostname=target.host if self.ssl_context is not None else None,
-            )
         self.in_use += 1
+        try:
+            if target.unix_path is not None:
+                _, conn = await self.loop.create_unix_connection(
+                    lambda: UpstreamConnection(self), target.unix_path
+                )
+            else:
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    target.host,
+                    target.port,
+                    ssl=self.ssl_context,
+                    server_hostname=target.host if self.ssl_context is not None else None,
+                )
+        except BaseException:
+            self.in_use -= 1
+            raise
         return conn
 
+    def forget(self) -> None:
+        """A lent connection will not come back (it closed, or became a tunnel)."""
+        self.in_use -= 1
+
     def release(self, conn: UpstreamConnection) -> None:
+        """A lent connection comes back: pooled if it can serve another request."""
         self.in_use -= 1
         if conn.closed:
             return
@@ -148,6 +176,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.skip_body = False
         self.keep_alive = False  # read while parsing: httptools forgets it once a message ends
         self.done = False
+        self.head_bytes = 0  # of the response head under way, whole lines
+        self.unparsed = 0  # bytes read since the parser last completed something
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -188,7 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
         request = self.request
         self.client = None
         self.request = None
-        self.pool.in_use -= 1
+        self.pool.forget()
         assert request is not None
         if self.until_close and self.head_sent:
             # a body delimited by the connection's end has just ended
@@ -229,6 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport_write(data)
             return
         self.got_data = True
+        self.unparsed += len(data)  # reset by the callbacks that show progress
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -238,11 +269,22 @@ class UpstreamConnection(asyncio.Protocol):
             return
         except httptools.HttpParserError as e:
             self._flush(client)
-            self._protocol_error(client, e)
+            if self.done:
+                # the response is whole; what followed it is not ours to relay, and the
+                # connection cannot be trusted with another request
+                self.keep_alive = False
+                self._complete(client)
+                return
+            bad = e.__context__
+            self._protocol_error(client, bad if isinstance(bad, BadResponse) else e)
             return
         self._flush(client)
         if self.done:
             self._complete(client)
+        elif self.unparsed > client.service.max_head_bytes:
+            self._protocol_error(
+                client, BadResponse(f"{self.unparsed} bytes of an unfinished response head")
+            )
 
     def _flush(self, client: ClientConnection) -> None:
         out = self.out
@@ -254,7 +296,7 @@ class UpstreamConnection(asyncio.Protocol):
         request = self.request
         self.client = None
         self.request = None
-        self.pool.in_use -= 1
+        self.pool.forget()
         self.abort()
         assert request is not None
         if self.head_sent:
@@ -281,38 +323,56 @@ class UpstreamConnection(asyncio.Protocol):
         if reusable:
             self.pool.release(self)
         else:
-            self.pool.in_use -= 1
+            self.pool.forget()
             self.close()
         client.response_done(request, status)
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.done:  # a second response to one request
+            raise BadResponse("more than one response to one request")
+
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
+        self.head_bytes = len(reason) + 15
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_sent:
-            self.headers.append((name, value))
+        if self.head_sent:
+            return  # a trailer: dropped (its bytes are bounded by `unparsed`)
+        headers = self.headers
+        headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        client = self.client
+        if len(headers) > MAX_HEADERS or (
+            client is not None and self.head_bytes > client.service.max_head_bytes
+        ):
+            raise BadResponse(
+                f"response head too large ({len(headers)} lines, {self.head_bytes} bytes)"
+            )
 
     def on_headers_complete(self) -> None:
+        self.unparsed = 0
         status = self.parser.get_status_code()
         self.status = status
-        if status < 200 and status != 101:
-            # 100 Continue and friends: relay them, then wait for the final response
-            self.informational = True
-            self.out.append(
-                b"HTTP/1.1 %d %s\r\n%s\r\n"
-                % (status, self.reason, b"".join(n + b": " + v + b"\r\n" for n, v in self.headers))
-            )
-            self.headers = []
-            return
         client = self.client
         request = self.request
         assert client is not None and request is not None
-        if status == 101:
-            if request.websocket:
+        if status < 200 and status != 101:
+            # 100 Continue and friends: relay them (not to HTTP/1.0, which has none: RFC 9110
+            # §15.2), then wait for the final response
+            self.informational = True
+            if request.http11:
                 self.out.append(_head(status, self.reason, self.headers, b""))
-                self.head_sent = True
+            self.headers = []
+            return
+        if status == 101:
+            if not request.websocket:
+                # a tunnel the client never asked for would carry its next requests (and
+                # their cookies) to this target
+                raise BadResponse("101 Switching Protocols to a request that asked for none")
+            self.out.append(_head(status, self.reason, self.headers, b""))
+            self.head_sent = True
             return
         self.head_sent = True
         headers, length = filter_response_headers(self.headers)
@@ -363,6 +423,7 @@ class UpstreamConnection(asyncio.Protocol):
         ]
 
     def on_body(self, body: bytes) -> None:
+        self.unparsed = 0
         if self.skip_body or self.informational:
             return
         if self.chunked_out:
@@ -371,6 +432,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.out.append(body)
 
     def on_message_complete(self) -> None:
+        self.unparsed = 0
         if self.informational:
             self.informational = False
             self.head_sent = False
@@ -385,7 +447,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _become_tunnel(self, client: ClientConnection, rest: bytes) -> None:
         self.tunnel = True
-        self.pool.in_use -= 1  # never returns to the pool
+        self.pool.forget()  # never returns to the pool
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
