@@ -45,7 +45,7 @@ from hubproxy.proxy.paths import (
     split_target,
     strip_prefix,
 )
-from hubproxy.proxy.target import TargetError
+from hubproxy.proxy.target import TargetError, UnresolvableTarget
 from hubproxy.proxy.upstream import Pool, UpstreamConnection, describe_error
 from hubproxy.routing import Route
 
@@ -438,7 +438,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             target, pool = service.pool_for(route.target)
         except TargetError as e:
-            self.fail(request, 500, str(e))
+            self.fail(request, 503 if isinstance(e, UnresolvableTarget) else 500, str(e))
             return
         if not service.include_prefix:
             path = strip_prefix(path, service.prefix_depth(route))

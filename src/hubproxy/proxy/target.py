@@ -12,6 +12,11 @@ class TargetError(ValueError):
     """A route's target that is not a URL we can proxy to (CHP answers these with 500)."""
 
 
+class UnresolvableTarget(TargetError):
+    """A target URL whose host name no resolver could look up (its labels cannot be encoded
+    in IDNA): CHP fails its DNS lookup and answers 503, and so do we."""
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     url: str
@@ -61,6 +66,11 @@ def parse_target(url: str) -> Target:
     host = parts.hostname
     if port is None:
         port = DEFAULT_PORTS[scheme]
+    if ":" not in host:  # a name (or IPv4 address) must be encodable to be looked up
+        try:
+            host.encode("idna")
+        except UnicodeError as e:
+            raise UnresolvableTarget(f"getaddrinfo ENOTFOUND {host} ({e})") from None
     shown_host = f"[{host}]" if ":" in host else host
     netloc = shown_host if port == DEFAULT_PORTS[scheme] else f"{shown_host}:{port}"
     return Target(
