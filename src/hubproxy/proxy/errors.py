@@ -25,8 +25,17 @@ from hubproxy.proxy.target import TargetError, parse_target
 log = logging.getLogger("hubproxy")
 
 BUILTIN_PAGES = pathlib.Path(__file__).resolve().parent.parent / "error"
-ERROR_PAGE_LIMIT = 1 << 20  # an error page larger than this is not a page; fall back
+# A fetched page is held whole before it is sent (the client is told its length, and a page that
+# fails half-way can still fall back), so its size is bounded. JupyterHub's pages are a few KiB;
+# anything past 1 MiB is a misconfigured or hostile error target, not a page.
+ERROR_PAGE_LIMIT = 1 << 20
+# The whole exchange, connect to last byte: a target that trickles its page, or never ends it,
+# must not hold the client's answer (or our memory) for longer than this.
 ERROR_TARGET_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class PageTooLarge(Exception):
+    """The error target's page is over ERROR_PAGE_LIMIT: announced, or found while reading."""
 
 
 class ErrorBody(NamedTuple):
@@ -84,7 +93,11 @@ class ErrorPages:
         return ErrorBody([], reason(code))
 
     async def fetch(self, code: int, request_url: bytes) -> ErrorBody:
-        """Ask the error target for the page of `code`; the plain body if that fails."""
+        """Ask the error target for the page of `code`; the plain body if that fails.
+
+        Every failure (refused, timed out, cut short, too large) gives the same plain body,
+        CHP's fallback when its error request fails: a failing target's page is not served in
+        part."""
         assert self._error_url is not None
         url = _with_query(f"{self._error_url}{code}", request_url.decode("latin-1"))
         log.debug("Requesting custom error page: %s", url)
@@ -93,16 +106,21 @@ class ErrorPages:
             async with session.get(
                 yarl.URL(url, encoded=True), allow_redirects=False, ssl=self._client_ssl or True
             ) as resp:
-                body = await resp.content.read(ERROR_PAGE_LIMIT + 1)
-                if len(body) > ERROR_PAGE_LIMIT:
-                    raise ValueError("error page larger than 1 MiB")
+                body = await _read_page(resp, code)
                 headers = [
                     (name.encode("latin-1"), resp.headers[name].encode("latin-1"))
                     for name in ("Content-Type", "Content-Encoding")
                     if name in resp.headers
                 ]
                 return ErrorBody(headers, body)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TargetError) as e:
+        except (
+            TimeoutError,
+            aiohttp.ClientError,
+            OSError,
+            ValueError,
+            TargetError,
+            PageTooLarge,
+        ) as e:
             log.error("Failed to get custom error page: %s", _describe(e))
             return ErrorBody([], reason(code))
 
@@ -131,6 +149,31 @@ class ErrorPages:
             self._session = None
 
 
+async def _read_page(resp: aiohttp.ClientResponse, code: int) -> bytes:
+    """The whole body of `resp`, however many reads it takes, up to ERROR_PAGE_LIMIT.
+
+    A page over the limit is refused as soon as that is known, before its bytes are taken in, and
+    the rest is not read (it may never end): its connection is closed, since it cannot serve
+    another request before that rest is read. (A page aiohttp had already received to its end is
+    back in the pool by then, as clean as after any page; closing it could cut a request that
+    took it since.)"""
+    announced = resp.content_length
+    if announced is not None and announced > ERROR_PAGE_LIMIT:
+        resp.close()
+        raise PageTooLarge(
+            f"{code} page of {announced} bytes, over the {ERROR_PAGE_LIMIT}-byte limit"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > ERROR_PAGE_LIMIT:
+            resp.close()
+            raise PageTooLarge(f"{code} page over the {ERROR_PAGE_LIMIT}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _with_query(url: str, request_url: str) -> str:
     """Add `url=<request_url>` (form-encoded, as URLSearchParams does) to `url`'s query."""
     parts = urllib.parse.urlsplit(url)
@@ -145,4 +188,7 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, aiohttp.ClientConnectorError) and error.os_error.errno:
         name = errno.errorcode.get(error.os_error.errno, str(error.os_error.errno))
         return f"connect {name} {error.host}:{error.port}"
+    if isinstance(error, TimeoutError):
+        # aiohttp's timeout errors carry no text; with one total timeout, this is the one
+        return f"timeout: no whole page within {ERROR_TARGET_TIMEOUT.total:g} s"
     return str(error) or type(error).__name__
