@@ -186,7 +186,7 @@ class ProxyService:
                 if self.client_ssl is None:  # no client TLS options: the system's CAs, built once
                     self.client_ssl = client_context(self.config)
                 ssl_context = self.client_ssl
-            pool = self._pools[parsed.pool_key] = Pool(parsed, ssl_context)
+            pool = self._pools[parsed.pool_key] = Pool(parsed, ssl_context, self.max_head_bytes)
         found = self._targets[target] = (parsed, pool)
         return found
 
@@ -277,7 +277,12 @@ class ProxyService:
             for conn in list(self.connections):
                 if conn.tunnel:
                     continue
-                if headers_timeout and conn.head_began and now - conn.head_began > headers_timeout:
+                if (
+                    headers_timeout
+                    and conn.head_began
+                    and conn.active is None  # else we may not be reading (flow control)
+                    and now - conn.head_began > headers_timeout
+                ):
                     conn.head_timed_out()  # a slow head (slowloris): 408, as Node
                     continue
                 if conn.active is None:

@@ -123,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
         self.unfinished: Request | None = None  # answered, but its body is still arriving
         self.upstream: UpstreamConnection | None = None
         self.upstream_out: list[bytes] = []
+        self.max_head = service.max_head_bytes
         self.head_bytes = 0  # of the current head (or trailer block), whole lines
         self.head_lines = 0
         self.unparsed = 0  # bytes read since the parser last completed something
@@ -275,7 +276,7 @@ class ClientConnection(asyncio.Protocol):
             self._bad_request(400, e)
             return
         self._flush_upstream()
-        if self.unparsed > self.service.max_head_bytes:
+        if self.unparsed > self.max_head:
             self._bad_request(431, HeadTooLarge(f"{self.unparsed} bytes of an unfinished head"))
 
     def _flush_upstream(self) -> None:
@@ -320,15 +321,15 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         request.url += url
         self.head_bytes += len(url)
-        if self.head_bytes > self.service.max_head_bytes:
-            raise HeadTooLarge(f"request line longer than {self.service.max_head_bytes} bytes")
+        if self.head_bytes > self.max_head:
+            raise HeadTooLarge(f"request line longer than {self.max_head} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
         assert request is not None
         self.head_bytes += len(name) + len(value) + 4
         self.head_lines += 1
-        if self.head_bytes > self.service.max_head_bytes or self.head_lines > MAX_HEADERS:
+        if self.head_bytes > self.max_head or self.head_lines > MAX_HEADERS:
             raise HeadTooLarge(f"{self.head_lines} header lines, {self.head_bytes} bytes")
         if not request.headers_done:
             request.headers.append((name, value))
@@ -396,8 +397,9 @@ class ClientConnection(asyncio.Protocol):
             stats.requests_web += 1
         self._forward(request)
 
-    def _forward(self, request: Request) -> None:
-        """Route `request` and send it to its target (again, after a stale pooled connection)."""
+    def _forward(self, request: Request, fresh: bool = False) -> None:
+        """Route `request` and send it to its target (again, on a `fresh` connection, after a
+        stale pooled one)."""
         service = self.service
         stats = service.stats
         url = request.url
@@ -470,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
             kind = "WS" if request.websocket else "WEB"
             shown = url.partition(b"?")[0].decode("latin-1")
             log.debug("PROXY %s %s to %s", kind, shown, route.target)
-        conn = pool.take()
+        conn = None if fresh else pool.take()
         if conn is not None:
             self._attach(request, conn, head.head)
         else:
@@ -590,6 +592,8 @@ class ClientConnection(asyncio.Protocol):
             self._flush_upstream()
         else:
             self.idle_since = time.monotonic()
+            if self.head_began:  # the next head's clock runs from now: we were not reading
+                self.head_began = self.idle_since
             self._resume(_PIPELINE)
 
     def response_broken(self, request: Request) -> None:
@@ -622,7 +626,7 @@ class ClientConnection(asyncio.Protocol):
         ):
             # a kept-alive connection the target had closed meanwhile: one fresh try
             request.pending = []
-            self._forward(request)
+            self._forward(request, fresh=True)
             return
         if detail is None:
             try:

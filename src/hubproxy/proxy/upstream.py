@@ -68,10 +68,13 @@ def describe_error(exc: BaseException | None, target: Target) -> str:
 class Pool:
     """Idle keep-alive connections to one target, most recently used first."""
 
-    __slots__ = ("idle", "in_use", "loop", "ssl_context", "target")
+    __slots__ = ("idle", "in_use", "loop", "max_head", "ssl_context", "target")
 
-    def __init__(self, target: Target, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, target: Target, ssl_context: ssl.SSLContext | None, max_head: int = 64 * 1024
+    ) -> None:
         self.target = target
+        self.max_head = max_head  # a response head's largest size (--max-header-size)
         self.ssl_context = ssl_context
         self.idle: list[UpstreamConnection] = []
         self.in_use = 0
@@ -281,7 +284,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._flush(client)
         if self.done:
             self._complete(client)
-        elif self.unparsed > client.service.max_head_bytes:
+        elif self.unparsed > self.pool.max_head:
             self._protocol_error(
                 client, BadResponse(f"{self.unparsed} bytes of an unfinished response head")
             )
@@ -343,10 +346,7 @@ class UpstreamConnection(asyncio.Protocol):
         headers = self.headers
         headers.append((name, value))
         self.head_bytes += len(name) + len(value) + 4
-        client = self.client
-        if len(headers) > MAX_HEADERS or (
-            client is not None and self.head_bytes > client.service.max_head_bytes
-        ):
+        if len(headers) > MAX_HEADERS or self.head_bytes > self.pool.max_head:
             raise BadResponse(
                 f"response head too large ({len(headers)} lines, {self.head_bytes} bytes)"
             )
