@@ -578,8 +578,8 @@ async def test_absolute_form_request_target(api: Api) -> None:
     assert reply.json()["target"] == "http://a"
 
 
-async def test_bad_json_is_400_even_without_token(api: Api, hub_log: ListHandler) -> None:
-    reply = await api.call("POST", "/foo", body=b"not json", token=None)
+async def test_bad_json_is_400(api: Api, hub_log: ListHandler) -> None:
+    reply = await api.call("POST", "/foo", body=b"not json")
     assert reply.status == 400
     assert reply.body.startswith(b"Body not valid JSON: SyntaxError: ")
     assert reply.content_type is None
@@ -598,7 +598,7 @@ async def test_empty_body_is_bad_json(api: Api) -> None:
 
 async def test_valid_json_without_token_is_403(api: Api) -> None:
     reply = await api.call("POST", "/foo", body=b"null", token=None)
-    assert reply.status == 403  # parsed first, then authenticated, then checked
+    assert reply.status == 403  # authenticated first, then parsed, then checked
     reply = await api.call("POST", "/foo", {"target": "http://x"}, token="wrong")
     assert reply.status == 403
     assert await api.store.get("/foo") is None
@@ -1198,7 +1198,7 @@ def test_process_default_target_and_round_trip(start_proxy: Any, backend: Any) -
 
     status, headers, body = proxy.api("PUT", "", token=False)
     assert (status, body, headers.get("Content-Type")) == (405, b"Method not supported", None)
-    status, _, body = proxy.api("POST", "/x", raw_body=b"{", token=False)
+    status, _, body = proxy.api("POST", "/x", raw_body=b"{")
     assert status == 400 and body.startswith(b"Body not valid JSON: ")
     status, _, body = proxy.api("GET", "", token="wrong")
     assert (status, body) == (403, b"")

@@ -2,17 +2,24 @@
 
 Theory of operation. The API is one coroutine, `_RoutesApi.handle`, installed as the aiohttp
 application's only middleware, so it sees every request whatever its request-target (aiohttp's
-router, which would answer `404: Not Found` by itself, is never consulted). It mirrors CHP's
-order of checks, which clients can observe:
+router, which would answer `404: Not Found` by itself, is never consulted). It follows CHP's
+order of checks, which clients can observe, but for the body (step 5):
 
 1. dispatch on `^/api/routes(/.*)?$` of the request path (query ignored); else one of the extra
-   `pages` (the dashboard: GET only, each with or without the token check of step 5); else 404
+   `pages` (the dashboard: GET only, each with or without the token check of step 4); else 404
    `Not Found`;
 2. the method: GET, POST or DELETE, else 405 `Method not supported`, before authentication;
 3. the suffix is percent-decoded as strict UTF-8 (`decodeURIComponent`); malformed -> 400;
-4. for POST, the body is read and parsed as JSON (invalid -> 400), still before authentication;
-5. authentication: `token\\s+(\\S+)` searched in Authorization, compared in constant time -> 403;
+4. authentication: `token\\s+(\\S+)` searched in Authorization, compared in constant time -> 403;
+5. for POST, the body is read (over `MAX_BODY` -> 413) and parsed as JSON (invalid -> 400);
 6. the handler for the method.
+
+CHP reads and parses the body before authentication; we check the token first, so that a
+client without it cannot make us read, buffer or parse a body (design.md §5). So an
+`Expect: 100-continue` is answered only after the token check (aiohttp would answer it before
+any check), and a response that leaves any of the request's body unread closes the connection
+at once (aiohttp would read and discard the rest for up to 10 s, its `lingering_time`): only
+what arrived with the head is ever in memory, in aiohttp's read buffer.
 
 Every response is logged when the handler is done, as CHP does on `finish`:
 `<code> <METHOD> <path without query> <message>`, at info (<400), warn (<500) or error.
@@ -23,7 +30,8 @@ Deliberate differences from CHP (docs/compatibility.md): where CHP hangs (a malf
 `DELETE /api/routes`) we answer 400; store failures answer 503 (retried by JupyterHub) and other
 handler crashes 500; the request path is matched as sent (CHP first resolves dot segments and
 backslashes with WHATWG URL parsing); a date-time without offset in `inactive_since` is UTC (JS:
-local time); the body is limited to `MAX_BODY` bytes (413) and must be UTF-8.
+local time); the token is checked before the body is read (403 before 400); the body is limited
+to `MAX_BODY` bytes (413) and must be UTF-8.
 """
 
 from __future__ import annotations
@@ -41,9 +49,10 @@ from email.utils import parsedate_tz
 from typing import Any
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from hubproxy.activity import ActivityFlusher
+from hubproxy.aioweb import ServerLog
 from hubproxy.config import Config
 from hubproxy.logs import log_info
 from hubproxy.routing import clean_path
@@ -51,7 +60,7 @@ from hubproxy.store.base import RouteData, RouteStore, StoreUnavailable
 
 log = logging.getLogger("hubproxy")
 
-# the largest POST body we read; CHP has no limit, but the body is read before authentication
+# the largest POST body we read; CHP has no limit (a token holder could still fill the memory)
 MAX_BODY = 1024 * 1024
 
 _API_PATH = re.compile(r"^/api/routes(/.*)?$")
@@ -351,6 +360,17 @@ async def _drop_default_content_type(request: web.Request, response: web.StreamR
         response.headers.popall("Content-Type", None)
 
 
+def _expects_continue(request: web.Request) -> bool:
+    return request.headers.get("Expect", "").lower() == "100-continue"
+
+
+async def _continue_later(request: web.Request) -> None:
+    """The route's `Expect` handler: `100-continue` waits for the token check (`_read_json`);
+    any other expectation is refused as aiohttp refuses it."""
+    if request.version >= HttpVersion11 and not _expects_continue(request):
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {request.headers['Expect']}")
+
+
 class _Answer(Exception):
     """Finish the request early with an error status and message (CHP's `fail`)."""
 
@@ -396,6 +416,10 @@ class _RoutesApi:
             log.error("Error in handler for %s %s: %s", method, log_path, e, exc_info=True)
             message = f"Internal error: {type(e).__name__}"
             response = _bare(500, message)
+        if request.can_read_body:
+            # a body we did not read (no token, wrong method, over MAX_BODY) is not read after
+            # the answer either: the connection closes (`lingering_time` is 0)
+            response.force_close()
         status = response.status
         self.stats.requests_api[status] += 1
         if status < 400:
@@ -428,11 +452,9 @@ class _RoutesApi:
                 path = decode_uri_component(path)
             except ValueError as e:
                 raise _Answer(400, f"Route path is not valid percent-encoded UTF-8: {e}") from None
-        if method == "POST":
-            data = await self._read_json(request)
-            self._authenticate(request)
-            return await self.post(path, data)
         self._authenticate(request)
+        if method == "POST":
+            return await self.post(path, await self._read_json(request))
         if method == "GET":
             if path and path != "/":
                 return await self.get_one(path)
@@ -440,10 +462,15 @@ class _RoutesApi:
         return await self.delete(path)
 
     async def _read_json(self, request: web.Request) -> Any:
+        if request.version >= HttpVersion11 and _expects_continue(request):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's own: the response is still to come
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _Answer(413, f"Body larger than {MAX_BODY} bytes") from None
+        except ConnectionError as e:  # the client went away mid-body: its fault, not ours
+            raise _Answer(400, f"Body not received: {e}") from None
         try:
             return parse_body(body)
         except ValueError as e:
@@ -534,10 +561,16 @@ def create_api_app(
     beside it at their exact paths (see `Page`)."""
     stats = stats if stats is not None else ApiStats()
     api = _RoutesApi(config, store, flusher, stats, pages or {})
-    app = web.Application(middlewares=[api.handle], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[api.handle],
+        client_max_size=MAX_BODY,
+        # an idle kept-alive connection is closed after 5 s, as Node's (CHP's) API server does;
+        # aiohttp's own default keeps it an hour
+        handler_args={"logger": ServerLog("API"), "lingering_time": 0, "keepalive_timeout": 5},
+    )
     # `api.handle` answers every request itself; this route only lets aiohttp resolve a path
     # without building a 404 exception first (~10 us of each API request)
-    app.router.add_route("*", "/{tail:.*}", api.unreachable)
+    app.router.add_route("*", "/{tail:.*}", api.unreachable, expect_handler=_continue_later)
     app[API_STATS] = stats
     app.on_response_prepare.append(_drop_default_content_type)
     return app

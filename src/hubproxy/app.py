@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from hubproxy.activity import ActivityFlusher
+from hubproxy.aioweb import start_site
 from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
 from hubproxy.dashboard import dashboard_pages
@@ -220,11 +221,11 @@ async def serve(config: Config) -> int:
             await plane.start(public.sock)
         await api_runner.setup()
         api_ssl = tls.api.listening if tls.api else None
-        await web.SockSite(api_runner, api.sock, ssl_context=api_ssl).start()
+        await start_site(api_runner, api.sock, api_ssl)
         if metrics_bound is not None:
             metrics_runner = web.AppRunner(create_metrics_app(metrics), handle_signals=False)
             await metrics_runner.setup()
-            await web.SockSite(metrics_runner, metrics_bound.sock).start()
+            await start_site(metrics_runner, metrics_bound.sock)
         redirect_to = None
         if redirect is not None:
             redirect_to = config.redirect_to or public.port

@@ -11,6 +11,7 @@ import asyncio
 import socket
 
 from hubproxy.config import Config
+from hubproxy.listen import BACKLOG
 from hubproxy.logs import AccessLogWriter
 from hubproxy.proxy import ProxyService
 from hubproxy.routing import RouteTable
@@ -32,9 +33,11 @@ class DataPlane:
 
     async def start(self, sock: socket.socket) -> None:
         public_tls = self._tls.public
+        # the loop listens again, with its own backlog (100) unless given ours
         self._server = await asyncio.get_running_loop().create_server(
             self.proxy.protocol_factory,
             sock=sock,
+            backlog=BACKLOG,
             ssl=public_tls.listening if public_tls is not None else None,
         )
 

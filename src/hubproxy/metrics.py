@@ -52,6 +52,7 @@ from prometheus_client.utils import floatToGoString
 
 from hubproxy import __version__
 from hubproxy.activity import ActivityFlusher
+from hubproxy.aioweb import ServerLog
 from hubproxy.api import ApiStats
 from hubproxy.proxy import DURATION_BUCKETS, ProxyStats
 
@@ -324,6 +325,8 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
         await metrics.proxy.refresh()
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    app = web.Application(middlewares=[handle])
+    # idle or half-sent connections closed after 5 s (Node's; aiohttp's default is an hour)
+    handler_args = {"logger": ServerLog("metrics"), "keepalive_timeout": 5, "lingering_time": 0}
+    app = web.Application(middlewares=[handle], handler_args=handler_args)
     app.on_response_prepare.append(_drop_content_type)
     return app

@@ -18,6 +18,8 @@ import urllib.parse
 
 from aiohttp import web
 
+from hubproxy.aioweb import ServerLog, start_site
+
 NO_HOST = (
     "This server is HTTPS-only on port {port}, but an HTTP request was made and the host could "
     "not be determined from the request."
@@ -55,12 +57,19 @@ def redirect_server(port: int) -> web.Server:
             status=301, headers={"Location": location(host, port, request.raw_path)}
         )
 
-    return web.Server(handle, access_log=None)
+    # idle or half-sent connections closed after 5 s (Node's; aiohttp's default is an hour)
+    return web.Server(
+        handle,
+        access_log=None,
+        logger=ServerLog("redirect"),
+        keepalive_timeout=5,
+        lingering_time=0,
+    )
 
 
 async def start_redirect(sock: socket.socket, port: int) -> web.ServerRunner:
     """Serve redirects to `port` on the bound socket `sock`; `cleanup()` the result to stop."""
     runner = web.ServerRunner(redirect_server(port), handle_signals=False)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await start_site(runner, sock)
     return runner
