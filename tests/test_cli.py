@@ -234,8 +234,12 @@ def test_ip_star_warns() -> None:
     assert warnings == []
 
 
-def test_empty_api_ip_is_localhost_as_in_chp() -> None:
-    assert cfg("--api-ip", "").api_ip == "localhost"
+def test_empty_api_ip_is_all_interfaces_as_in_chp() -> None:
+    """z2jh passes `--api-ip=`; Node CHP then listens on every interface (`*:8001`), and the hub
+    pod reaches the API through its Service. Localhost here would keep the hub out."""
+    assert cfg("--api-ip", "").api_ip == ""
+    assert cfg("--api-ip=").api_ip == ""
+    assert cfg().api_ip == "localhost"  # not given at all: CHP's default
 
 
 @pytest.mark.parametrize(

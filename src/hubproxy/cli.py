@@ -501,7 +501,8 @@ def parse(
         ssl_allow_rc4=ns.get("ssl_allow_rc4", False),
         ssl_dhparam=ns.get("ssl_dhparam"),
         ssl_key_passphrase=environ.get(ENV_SSL_KEY_PASSPHRASE) or None,
-        api_ip=ns.get("api_ip") or "localhost",  # CHP: `--api-ip ''` is localhost too
+        # `--api-ip=` (as z2jh passes it) is all interfaces, as for --ip: Node listens on `::`
+        api_ip=ns.get("api_ip", "localhost"),
         api_port=_port("--api-port", ns.get("api_port")),
         api_socket=_path("--api-socket", ns.get("api_socket")),
         api_ssl_key=ns.get("api_ssl_key"),

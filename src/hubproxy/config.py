@@ -30,7 +30,7 @@ class Config:
     ssl_key_passphrase: str | None = None
 
     # API listener
-    api_ip: str = "localhost"
+    api_ip: str = "localhost"  # "" = all interfaces, as for `ip`
     api_port: int | None = None  # None = public port + 1 (8001 with --socket)
     api_socket: str | None = None
     api_ssl_key: str | None = None
