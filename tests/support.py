@@ -44,14 +44,29 @@ def _die_with_parent() -> None:
 class ProxyProcess:
     """A hubproxy subprocess; its stdout is collected line by line in a thread."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, umask: int = -1) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        umask: int = -1,
+        *,
+        command: list[str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
+        """`command` replaces `python -m hubproxy`; `preexec` runs in the child before it."""
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
+
+        def before_exec() -> None:
+            if preexec is not None:  # first: a change of user would clear the death signal
+                preexec()
+            _die_with_parent()
+
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hubproxy", *args],
+            [*(command or [sys.executable, "-m", "hubproxy"]), *args],
             umask=umask,
-            preexec_fn=_die_with_parent,
+            preexec_fn=before_exec,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,

@@ -29,6 +29,7 @@ from hubproxy.cli import (
     parse_custom_header,
 )
 from hubproxy.config import Config
+from hubproxy.cpus import available_cpus
 
 
 def cfg(*argv: str, env: dict[str, str] | None = None) -> Config:
@@ -701,6 +702,9 @@ def test_ci_script_runs_the_readme_test_command() -> None:
     assert "python -m pip install -q -e '.[test]'" in commands
 
 
-def test_workers_auto_is_one_per_usable_core() -> None:
-    assert cfg("--workers", "auto").workers == len(os.sched_getaffinity(0))
+def test_workers_auto_is_one_per_usable_cpu() -> None:
+    """The cores this process may run on, capped by its cgroup's CPU quota (tests/test_cpus.py)."""
+    workers = cfg("--workers", "auto").workers
+    assert workers == available_cpus()
+    assert 1 <= workers <= len(os.sched_getaffinity(0))
     assert cfg().workers == 1

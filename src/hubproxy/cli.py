@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 from hubproxy import __version__
 from hubproxy.config import Config
+from hubproxy.cpus import available_cpus
 from hubproxy.logs import LEVELS, setup_logging
 from hubproxy.proxy.target import TargetError, parse_target
 
@@ -261,7 +262,8 @@ def _build_parser(prog: str) -> _Parser:
     value(
         "--workers",
         "<n>",
-        "hubproxy: data-plane processes, or 'auto' for one per available core (default: 1)",
+        "hubproxy: data-plane processes, or 'auto' for one per available CPU (the cores it may "
+        "run on, capped by a cgroup CPU quota) (default: 1)",
     )
     p.add_argument("-h", "--help", action="help", help="display help for command")
     FLAGS["-h"] = FLAGS["--help"] = "-h, --help"
@@ -372,10 +374,8 @@ def _path(name: str, value: str | None) -> str | None:
 def _workers(value: str | None) -> int:
     if value is None:
         return 1
-    if value == "auto":  # the cores this process may run on (taskset, cgroups' cpusets)
-        if hasattr(os, "sched_getaffinity"):
-            return len(os.sched_getaffinity(0))
-        return os.cpu_count() or 1
+    if value == "auto":  # the cores it may run on, capped by a container's CPU quota
+        return available_cpus()
     return _integer("--workers", value, 1, MAX_WORKERS, f"'auto' or 1 to {MAX_WORKERS}")
 
 
