@@ -66,6 +66,7 @@ def test_no_options_is_chps_defaults() -> None:
     assert (config.x_forward, config.prepend_path, config.include_prefix) == (True, True, True)
     assert config.keep_alive_timeout == 5000 and config.log_level == "info"
     assert config.auth_token is None
+    assert config.drain_timeout == 1000 and config.drain_seconds == 1.0  # hubproxy's own
 
 
 # --- every option, in both syntaxes -------------------------------------------------------------
@@ -109,6 +110,7 @@ VALUE_OPTIONS: dict[str, tuple[str, str, Any]] = {
     "--log-format": ("json", "log_format", "json"),
     "--workers": ("4", "workers", 4),
     "--headers-timeout": ("30000", "headers_timeout", 30000),
+    "--drain-timeout": ("30000", "drain_timeout", 30000),
     "--max-header-size": ("16384", "max_header_size", 16384),
 }
 

@@ -191,7 +191,9 @@ def test_sigterm_drains_workers_and_stops_them(
     app = web.Application()
     app.router.add_get("/slow", slow)
     backend = start_backend(app)
-    proxy = start_proxy("--workers", "2", "--default-target", backend.url, "--log-level", "debug")
+    # a drain time far longer than the test needs: the release below is never a race
+    proxy = start_proxy("--workers", "2", "--default-target", backend.url, "--log-level", "debug",
+                        "--drain-timeout", "60000")  # fmt: skip
     pids = worker_pids(proxy)
     result: list[tuple[int, bytes]] = []
 

@@ -36,9 +36,6 @@ from hubproxy.workers.supervisor import SyncedStore, WorkerSet, WorkerStartError
 
 log = logging.getLogger("hubproxy")
 
-# how long a stop waits for in-flight requests; JupyterHub sends SIGKILL 1-2 s after SIGTERM
-DRAIN_SECONDS = 1.0
-
 
 def run(config: Config) -> int:
     """Run the proxy until SIGTERM or SIGINT; the process's exit code."""
@@ -270,9 +267,9 @@ async def serve(config: Config) -> int:
             # refuse new connections at once, as one process does: the workers close theirs
             for bound in publics:
                 bound.sock.close()
-            await workers.stop(DRAIN_SECONDS)
+            await workers.stop(config.drain_seconds)
         if plane is not None:
-            await plane.stop(DRAIN_SECONDS)
+            await plane.stop(config.drain_seconds)
         await api_runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()

@@ -248,6 +248,12 @@ def _build_parser(prog: str) -> _Parser:
         "from its first byte; 0 for none (default: 60000, as Node's)",
     )
     value(
+        "--drain-timeout",
+        "<timeout>",
+        "hubproxy: after SIGTERM or SIGINT, time (in milliseconds) requests in flight get to "
+        "finish before every connection is closed; 0 closes them at once (default: 1000)",
+    )
+    value(
         "--max-header-size",
         "<bytes>",
         "hubproxy: the largest request or response head (request or status line and headers) "
@@ -485,6 +491,7 @@ def parse(
     timeout = _milliseconds("--timeout", ns.get("timeout"))
     proxy_timeout = _milliseconds("--proxy-timeout", ns.get("proxy_timeout"))
     headers_timeout = _milliseconds("--headers-timeout", ns.get("headers_timeout"))
+    drain_timeout = _milliseconds("--drain-timeout", ns.get("drain_timeout"))
     max_header_size = _bytes("--max-header-size", ns.get("max_header_size"))
 
     return Config(
@@ -537,6 +544,7 @@ def parse(
         proxy_timeout=proxy_timeout or None,
         keep_alive_timeout=keep_alive or 5000,  # CHP: missing or 0 means 5000
         headers_timeout=60000 if headers_timeout is None else headers_timeout,
+        drain_timeout=1000 if drain_timeout is None else drain_timeout,
         max_header_size=64 * 1024 if max_header_size is None else max_header_size,
         auth_token=auth_token_from_env(environ),
         pid_file=_path("--pid-file", ns.get("pid_file")),

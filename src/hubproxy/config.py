@@ -75,6 +75,9 @@ class Config:
     proxy_timeout: int | None = None
     keep_alive_timeout: int = 5000
     headers_timeout: int = 60000  # hubproxy: a request head must arrive within this (Node's)
+    # hubproxy: after SIGTERM, how long requests in flight may take before every connection is
+    # closed; JupyterHub sends SIGKILL 1-2 s after SIGTERM, Kubernetes after its grace period
+    drain_timeout: int = 1000
 
     # limits on what a peer can make us hold (docs/limits.md)
     max_header_size: int = 64 * 1024  # request line + headers, or a response's status + headers
@@ -89,6 +92,10 @@ class Config:
     log_format: str = "text"  # "text" (CHP's lines) or "json"
     access_log: bool = False
     workers: int = 1  # data-plane processes; 1 = the data plane runs in the only process
+
+    @property
+    def drain_seconds(self) -> float:
+        return self.drain_timeout / 1000
 
     @property
     def effective_api_port(self) -> int:

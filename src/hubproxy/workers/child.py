@@ -27,8 +27,6 @@ from hubproxy.workers.channel import Channel, ChannelClosed
 
 log = logging.getLogger("hubproxy")
 
-DRAIN_SECONDS = 1.0  # as the single process (app.DRAIN_SECONDS); the primary waits for it
-
 
 def gauges(plane: DataPlane) -> dict[str, int]:
     proxy = plane.proxy
@@ -118,7 +116,7 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
     log.debug("Worker %d stopping: draining", index)
     if watcher is not None:
         await watcher.stop()
-    await plane.stop(DRAIN_SECONDS)
+    await plane.stop(config.drain_seconds)  # as the single process; the primary waits
     if not orphaned:
         with contextlib.suppress(ChannelClosed):
             channel.send(
