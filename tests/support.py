@@ -145,9 +145,16 @@ class Proxy(ProxyProcess):
     """A running proxy with the URLs it announced and small HTTP helpers."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str] | None, token: str | None, umask: int = -1
+        self,
+        args: list[str],
+        env: dict[str, str] | None,
+        token: str | None,
+        umask: int = -1,
+        *,
+        command: list[str] | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(args, env, umask)
+        super().__init__(args, env, umask, command=command, preexec=preexec)
         self.token = token
         self.public_url = self.wait_for_line(_PROXYING.pattern).group(1)
         self.api_url = self.wait_for_line(_API_AT.pattern).group(1)

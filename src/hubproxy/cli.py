@@ -328,6 +328,13 @@ def _normalise(argv: Sequence[str], p: argparse.ArgumentParser) -> tuple[list[st
     return out, errors
 
 
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The options `argv` names, read as the command line is read: `--ip --api-ip` gives --ip
+    the value `--api-ip` and names only --ip; nothing after `--` is an option."""
+    args, _ = _normalise(argv, _build_parser("hubproxy"))
+    return {arg.partition("=")[0] for arg in args}
+
+
 def _invalid(name: str, value: str, why: str) -> UsageError:
     return UsageError(f"error: option '{FLAGS[name]}' argument '{value}' is invalid. {why}")
 
