@@ -275,3 +275,111 @@ def test_hostile_target(attack_proxy: Proxy, evil: dict[str, RawServer], kind: s
     under_attack(attack_proxy, [for_a_while(attack) for _ in range(2)])
     assert statuses
     assert set(statuses) == {503}
+
+
+# -- clients that do not read, and deep pipelines (found by a hostile review) ---------------------
+
+
+def growth_while(pid: int, act: Callable[[], None], seconds: float = 3.0) -> int:
+    """The proxy's peak RSS growth while `act` runs and for `seconds` after it returns."""
+    before = rss(pid)
+    watch = Watch(pid, peak=before)
+    thread = threading.Thread(target=watch.run, daemon=True)
+    thread.start()
+    try:
+        act()
+        watch.stop.wait(seconds)  # the proxy's memory is what is measured, over this window
+    finally:
+        watch.stop.set()
+        thread.join(5)
+    return watch.peak - before
+
+
+@pytest.fixture
+def big_backend(start_backend: Callable[..., Backend]) -> Backend:
+    """`/big/<n>` streams n bytes (stopping when the proxy goes away)."""
+    from aiohttp import web
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["n"])
+        if size <= 1 << 20:  # in one write: it reaches the proxy whole, in one read
+            return web.Response(body=b"b" * size)
+        resp = web.StreamResponse(headers={"Content-Length": str(size)})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // 65536):
+                await resp.write(b"b" * 65536)
+            await resp.write(b"b" * (size % 65536))
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/big/{n}", big)
+    return start_backend(app)
+
+
+def test_a_client_that_does_not_read_holds_no_more_than_buffers(
+    start_proxy: Callable[..., Proxy], big_backend: Backend
+) -> None:
+    """Back-pressure used to be lost when a response completed while the client's buffer was
+    full: the next response (here 300 MB) was read from the target at full speed into memory."""
+    proxy = start_proxy("--default-target", big_backend.url)
+    pid = proxy.proc.pid
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((proxy.host, proxy.port))
+
+        def ask() -> None:
+            sock.sendall(b"GET /big/200000 HTTP/1.1\r\nHost: x\r\n\r\n" * 30)
+            sock.sendall(b"GET /big/300000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        assert growth_while(pid, ask) < RSS_GROWTH
+
+
+def test_pipelined_requests_answered_by_the_proxy_itself_stop_reading(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """Health checks (and error pages) are answered at once, so the pipeline never waited:
+    a client that never read made the proxy buffer every answer (+279 MB in 6 s)."""
+    proxy = start_proxy()
+    pid = proxy.proc.pid
+    sent = 0
+
+    def flood_health() -> None:
+        nonlocal sent
+        with socket.create_connection((proxy.host, proxy.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(2)  # the proxy stops reading: our sends block, and time out
+            piece = b"GET /_chp_healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+            with contextlib.suppress(OSError):
+                for _ in range(1000):  # 80 MB at most
+                    sock.sendall(piece)
+                    sent += len(piece)
+
+    assert growth_while(pid, flood_health, seconds=0.5) < RSS_GROWTH
+    assert sent < 1000 * 2000 * 40
+
+
+def test_a_deep_pipeline_is_parsed_only_a_little_ahead(start_proxy: Callable[..., Proxy]) -> None:
+    """Thousands of tiny requests in one read were parsed at once into thousands of queued
+    requests (2.3 MB a connection); now at most MAX_PIPELINED wait, the rest as bytes."""
+
+    def never_answers(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    with RawServer(never_answers) as target:
+        proxy = start_proxy("--default-target", target.url)
+        socks: list[socket.socket] = []
+
+        def pipeline() -> None:
+            for _ in range(50):
+                sock = socket.create_connection((proxy.host, proxy.port))
+                socks.append(sock)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost:x\r\n\r\n" * 9000)  # about 250 KB
+
+        try:
+            assert growth_while(proxy.proc.pid, pipeline, seconds=1.0) < 50 << 20
+        finally:
+            for sock in socks:
+                sock.close()

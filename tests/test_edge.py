@@ -517,3 +517,147 @@ def test_other_clients_are_served_during_a_head_bomb(proxy: Proxy) -> None:
     assert stop.wait(30)
     thread.join(5)
     assert sent[0] < 1 << 28
+
+
+# -- found by a hostile review of the above ------------------------------------------------------
+
+
+def test_connection_cannot_strip_content_length_to_smuggle_a_request(proxy: Proxy) -> None:
+    """`Connection: content-length` used to drop the client's Content-Length: its body reached
+    the target as a second request (with X-Forwarded-For of the attacker's choosing), and the
+    pooled connection then answered the next user with that request's response."""
+    smuggled = b"GET /admin-only HTTP/1.1\r\nHost: internal\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n"
+    with RawClient(proxy.host, proxy.port) as client:
+        client.send(
+            b"POST /hub/login HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, content-length\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+        )
+        seen = json.loads(client.response("POST").body)
+        assert (seen["method"], seen["url"], seen["body_length"]) == (
+            "POST",
+            "/hub/login",
+            len(smuggled),
+        )
+    for _ in range(3):  # whichever pooled connection they get, users get their own answers
+        served(proxy, "/user/victim/")
+
+
+class UpgradeRefuser:
+    """A target that refuses upgrades with a kept-alive 400, answers anything else with its
+    path, and records every request line it reads."""
+
+    def __init__(self) -> None:
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        self.server = RawServer(self.handle)
+
+    def handle(self, conn: socket.socket) -> None:
+        while head := read_request_head(conn):
+            line = head.split(b"\r\n", 1)[0]
+            self.lines.put(line)
+            if line.startswith(b"GET /ws"):
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\nno")
+            else:
+                path = line.split(b" ")[1]
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+        self.lines.put(b"EOF")
+
+    def lines_until_eof(self) -> list[bytes]:
+        lines = []
+        while (line := self.lines.get(timeout=10)) != b"EOF":
+            lines.append(line)
+        return lines
+
+
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+
+
+@pytest.mark.parametrize("before", [b"", b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"])
+def test_bytes_after_an_upgrade_request_wait_for_the_101(proxy: Proxy, before: bytes) -> None:
+    """Design §5: tunnel bytes only after a 101. They used to reach the target at once (and,
+    pipelined, on the previous request's connection): a refused upgrade left them to be read
+    as a request, and its connection was pooled for the next user."""
+    target = UpgradeRefuser()
+    try:
+        proxy.add_route("/", target.server.url)
+        with RawClient(proxy.host, proxy.port) as client:
+            client.send(before + UPGRADE + SMUGGLED)
+            if before:
+                assert client.response().body == b"/first"
+            assert client.response().status == 400
+            assert client.closed_by_peer()
+        lines = target.lines_until_eof()
+        if before and lines == [b"GET /first HTTP/1.1"]:  # /ws came on a second connection
+            lines = target.lines_until_eof()
+        assert b"GET /smuggled HTTP/1.1" not in lines
+        assert lines[-1] == b"GET /ws HTTP/1.1"
+    finally:
+        target.server.stop()
+
+
+def test_a_101_without_upgrade_websocket_is_a_broken_target(proxy: Proxy) -> None:
+    with RawServer(
+        answers(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n")
+    ) as t:
+        proxy.add_route("/ws101", t.url)
+        with RawClient(proxy.host, proxy.port) as client:
+            client.send(UPGRADE.replace(b"GET /ws", b"GET /ws101"))
+            assert client.read_head().status == 503
+            assert client.closed_by_peer()
+
+
+def test_a_response_with_a_coding_other_than_chunked_ends_with_the_connection(
+    proxy: Proxy,
+) -> None:
+    """RFC 9112 §6.3: with `Transfer-Encoding: gzip` the body ends when the connection does.
+    It used to be read as chunked and cut."""
+    body = b"\x1f\x8b" + b"z" * 5000
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + body
+    with RawServer(_close_after(answers(response))) as t:
+        proxy.add_route("/gzip", t.url)
+        with RawClient(proxy.host, proxy.port) as client:
+            client.request("GET", "/gzip/x")
+            assert client.response().body == body
+
+
+def _close_after(handler: Callable[[socket.socket], None]) -> Callable[[socket.socket], None]:
+    def handle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.settimeout(0.5)  # answers() waits for a next request; this target does not
+            handler(conn)
+        conn.close()
+
+    return handle
+
+
+def test_blank_lines_trickled_between_requests_meet_the_head_timeout(
+    proxies: ProxyCache, backend: Backend
+) -> None:
+    """llhttp skips blank lines between requests, so they began no head and reset the idle
+    clock: trickled, they held the connection for good."""
+    proxy = proxies.get("--headers-timeout", "500", "--default-target", backend.url)
+    with RawClient(proxy.host, proxy.port, timeout=0.2) as client:
+        deadline = time.monotonic() + 30
+        answer = None  # what the proxy said, b"" once it closed
+        while time.monotonic() < deadline and answer is None:
+            try:
+                client.send(b"\r\n")
+                answer = client.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                answer = b""
+        assert answer is not None, "still open after 30 s"
+        assert answer.startswith(b"HTTP/1.1 408 ") or answer == b""
+
+
+def test_a_long_request_target_is_cut_in_the_error_line(proxies: ProxyCache) -> None:
+    """An unauthenticated client must not be able to write 64 KiB lines into the log."""
+    proxy = proxies.get(tag="no-routes")
+    path = "/nothing/" + "a" * 20_000
+    assert proxy.request("GET", path)[0] == 404
+    line = proxy.wait_for_line(r"404 GET /nothing/a+\.\.\.").string
+    assert len(line) < 1200

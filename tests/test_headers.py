@@ -308,6 +308,28 @@ def test_connection_cannot_strip_end_to_end_essentials_by_accident() -> None:
     assert values(headers, b"host") == [HOST]
 
 
+@pytest.mark.parametrize(
+    "connection", [b"content-length", b"keep-alive, Content-Length", b"host, transfer-encoding"]
+)
+def test_connection_cannot_strip_the_framing(connection: bytes) -> None:
+    """A body whose Content-Length a peer could strip would be read upstream as the next
+    request (a smuggled request, with X-Forwarded-* of the client's choosing)."""
+    _, headers, result = build(
+        [(b"Host", HOST), (b"Connection", connection), (b"Content-Length", b"76")]
+    )
+    assert result.body == LENGTH_BODY
+    assert values(headers, b"content-length") == [b"76"]
+    assert values(headers, b"host") == [HOST]
+
+
+def test_filter_response_connection_cannot_strip_its_length() -> None:
+    kept, length = filter_response_headers(
+        [(b"Connection", b"content-length"), (b"Content-Length", b"5")]
+    )
+    assert kept == [(b"Content-Length", b"5")]
+    assert length == b"5"
+
+
 # -- body framing ---------------------------------------------------------------------------------
 
 

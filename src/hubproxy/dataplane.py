@@ -30,6 +30,9 @@ class DataPlane:
         if config.metrics_port is not None or config.metrics_socket:
             self.proxy.start_timing()  # request durations and lookup times, for the metrics page
         self._server: asyncio.Server | None = None
+        # a TLS handshake is the start of a request's head: the same bound (the loop's own
+        # default is 60 s whatever the option says)
+        self._handshake_seconds = (config.headers_timeout or 60_000) / 1000
 
     async def start(self, sock: socket.socket) -> None:
         public_tls = self._tls.public
@@ -39,6 +42,7 @@ class DataPlane:
             sock=sock,
             backlog=BACKLOG,
             ssl=public_tls.listening if public_tls is not None else None,
+            ssl_handshake_timeout=self._handshake_seconds if public_tls is not None else None,
         )
 
     def stop_accepting(self) -> None:

@@ -18,7 +18,12 @@ Headers = list[tuple[bytes, bytes]]
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
 )
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# `Connection` options that name no header to drop: the options themselves, and the headers
+# that frame a message, which a peer must not be able to strip (`Connection: content-length`
+# would leave its body to be read as the next request: a smuggled request)
+_CONNECTION_OPTIONS = frozenset(
+    {b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding", b"host"}
+)
 
 # What the request builder must look at (anything else is copied through untouched).
 _HOST, _XFF, _XFPORT, _XFPROTO, _XFHOST, _LENGTH, _CHUNKED, _CONNECTION, _DROP = range(9)
@@ -227,6 +232,7 @@ def filter_response_headers(headers: Headers) -> tuple[Headers, bytes | None]:
         if lowered == b"content-length":
             length = value
         kept.append((name, value))
-    if named - _CONNECTION_OPTIONS:
+    named -= _CONNECTION_OPTIONS
+    if named:
         kept = [(n, v) for n, v in kept if n.lower() not in named]
     return kept, length

@@ -65,8 +65,18 @@ LOOKUP_SAMPLE_EVERY = 16  # one route lookup in this many is timed (find_target_
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 HEALTH_BODY = b'{"status":"OK"}'
 
-# reasons for not reading from the client
-_PIPELINE, _CONNECTING, _UPSTREAM_FULL = 1, 2, 4
+# requests parsed ahead of the one being answered; the rest of a read waits unparsed, so a
+# client pipelining thousands of tiny requests in one read costs a few KiB, not megabytes
+MAX_PIPELINED = 32
+# a read larger than this is parsed in slices of it, so that the pipelining limit (and the head
+# limit) can stop parsing part-way through a read
+FEED_SLICE = 16 * 1024
+LOGGED_URL = 1024  # characters of a request-target that go into an error line
+
+# reasons for not reading from the client: requests wait to be answered; an upstream
+# connection is being made; the upstream's write buffer is full; the client's own write buffer
+# is full (it does not read our answers); an upgrade request waits for its 101
+_PIPELINE, _CONNECTING, _UPSTREAM_FULL, _CLIENT_FULL, _UPGRADE = 1, 2, 4, 8, 16
 
 
 class HeadTooLarge(Exception):
@@ -123,6 +133,12 @@ class ClientConnection(asyncio.Protocol):
         self.unfinished: Request | None = None  # answered, but its body is still arriving
         self.upstream: UpstreamConnection | None = None
         self.upstream_out: list[bytes] = []
+        # the upgrade request that ended HTTP on this connection; until its 101 (and the tunnel)
+        # what the client sends after it waits in its `pending`, never reaching the target
+        self.upgrading: Request | None = None
+        self.held = b""  # bytes read but not parsed yet (MAX_PIPELINED requests wait)
+        self.parse_held_soon = False
+        self.writing_paused = False  # the client's write buffer is over its high-water mark
         self.max_head = service.max_head_bytes
         self.head_bytes = 0  # of the current head (or trailer block), whole lines
         self.head_lines = 0
@@ -206,14 +222,21 @@ class ClientConnection(asyncio.Protocol):
         self._resume(_UPSTREAM_FULL)
 
     def pause_writing(self) -> None:
+        """The client is not reading fast enough: stop reading what would be written to it (the
+        upstream's response, and, in HTTP, further requests whose answers would pile up)."""
+        self.writing_paused = True
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.pause_reading()
+        if not self.tunnel:
+            self._pause(_CLIENT_FULL)
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None and not upstream.closed:
             upstream.transport.resume_reading()
+        self._resume(_CLIENT_FULL)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -239,29 +262,55 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_io = time.monotonic()
         self.bytes_received += len(data)
-        active = self.active
-        if self.tunnel or (active is not None and active.upgrade):
-            # past an upgrade request nothing is HTTP any more: bytes go to the target as they
-            # are (before its 101 arrives they wait with the request)
-            if active is not None and active.pending is not None:
-                active.pending.append(data)
-            elif self.upstream is not None:
-                self.upstream.write(data)
+        if self.tunnel:
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.write(data)
+                active = self.active
                 if active is not None and active.route is not None:
                     self.service.table.mark_active(active.route)
             return
+        if self.upgrading is not None:  # reading is paused; a TLS record may still come
+            pending = self.upgrading.pending
+            if pending is not None:
+                pending.append(data)
+            return
+        if not self.head_began and self.active is None and self.unfinished is None:
+            # bytes between requests start the head clock even if they begin no head (blank
+            # lines, which llhttp skips), so that trickling them cannot hold the connection
+            self.head_began = self.last_io
+        self._parse_all(data)
+
+    def _parse_all(self, data: bytes) -> None:
+        """Parse `data`, in slices if it is large, holding back what MAX_PIPELINED leaves."""
+        if len(data) <= FEED_SLICE and len(self.queue) < MAX_PIPELINED:
+            self._parse(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_SLICE):
+            if len(self.queue) >= MAX_PIPELINED:
+                self.held = data[start:]
+                self._pause(_PIPELINE)
+                return
+            end = start + FEED_SLICE
+            if not self._parse(view[start:end]):
+                if self.upgrading is not None and end < len(data):
+                    self._hold_for_upgrade(data[end:])
+                return
+
+    def _parse(self, data: bytes | memoryview) -> bool:
+        """Feed the parser; False once parsing has stopped (an upgrade, an error, a close)."""
         # reset by the callbacks that show progress; what is left counts towards the head limit
         self.unparsed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._flush_upstream()
-            rest = data[upgrade.args[0] :]
-            if rest and self.active is not None and self.active.pending is not None:
-                self.active.pending.append(rest)
-            elif rest and self.upstream is not None:
-                self.upstream.write(rest)
-            return
+            # nothing after an upgrade request is HTTP; it waits for the target's 101
+            self.upgrading = self.parsing
+            self._pause(_UPGRADE)
+            self._hold_for_upgrade(bytes(data[upgrade.args[0] :]))
+            return False
         except httptools.HttpParserCallbackError as e:
             # raised inside one of our callbacks: an oversized head, or a bug of ours
             self._flush_upstream()
@@ -270,14 +319,30 @@ class ClientConnection(asyncio.Protocol):
             else:
                 log.error("Uncaught Exception: %s", e.__context__, exc_info=e.__context__)
                 self._bad_request(500, e)
-            return
+            return False
         except httptools.HttpParserError as e:
             self._flush_upstream()
             self._bad_request(400, e)
-            return
+            return False
         self._flush_upstream()
         if self.unparsed > self.max_head:
             self._bad_request(431, HeadTooLarge(f"{self.unparsed} bytes of an unfinished head"))
+        return not self.closed
+
+    def _hold_for_upgrade(self, data: bytes) -> None:
+        request = self.upgrading
+        if data and request is not None and request.pending is not None:
+            request.pending.append(data)
+
+    def _parse_held(self) -> None:
+        """Answers have made room in the pipeline: parse what was held back."""
+        self.parse_held_soon = False
+        if self.closed or not self.held:
+            return
+        data, self.held = self.held, b""
+        self._parse_all(data)
+        if not self.held and not self.queue:
+            self._resume(_PIPELINE)
 
     def _flush_upstream(self) -> None:
         out = self.upstream_out
@@ -510,6 +575,12 @@ class ClientConnection(asyncio.Protocol):
     def _attach(self, request: Request, conn: UpstreamConnection, head: bytes) -> None:
         self.upstream = conn
         conn.begin(self, request)
+        assert conn.transport is not None
+        if self.writing_paused:  # the client is not reading: nor do we, from its new upstream
+            conn.transport.pause_reading()
+        if request.upgrade:
+            conn.transport.write(head)  # what followed the head waits for the 101
+            return
         out = [head]
         pending = request.pending or ()
         if request.body_kind == CHUNKED_BODY:
@@ -520,7 +591,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             out += pending
         request.pending = None
-        assert conn.transport is not None
         conn.transport.write(b"".join(out) if len(out) > 1 else head)
 
     def count_response(self, status: int) -> None:
@@ -587,14 +657,19 @@ class ClientConnection(asyncio.Protocol):
         """The previous exchange is over: start the next pipelined request, or wait idle."""
         if self.queue:
             self.start(self.queue.popleft())
-            if not self.queue:
+            if not self.queue and not self.held:
                 self._resume(_PIPELINE)
             self._flush_upstream()
         else:
             self.idle_since = time.monotonic()
             if self.head_began:  # the next head's clock runs from now: we were not reading
                 self.head_began = self.idle_since
-            self._resume(_PIPELINE)
+            if not self.held:
+                self._resume(_PIPELINE)
+        if self.held and not self.parse_held_soon and len(self.queue) < MAX_PIPELINED:
+            # not now: this may run inside a parser callback, and the parser is not re-entrant
+            self.parse_held_soon = True
+            asyncio.get_running_loop().call_soon(self._parse_held)
 
     def response_broken(self, request: Request) -> None:
         """The upstream failed after its response began: the client can only be cut off."""
@@ -602,7 +677,7 @@ class ClientConnection(asyncio.Protocol):
         log.error(
             "%s %s upstream connection lost mid-response",
             request.method.decode(),
-            request.url.partition(b"?")[0].decode("latin-1"),
+            _shown(request.url),
         )
         self.abort()
 
@@ -640,7 +715,7 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, request: Request, status: int, detail: str) -> None:
         service = self.service
-        url = request.url.partition(b"?")[0].decode("latin-1")
+        url = _shown(request.url)
         log.error("%d %s %s %s", status, request.method.decode(), url, detail)
         self.count_response(status)
         if service.stats.timing:
@@ -707,7 +782,13 @@ class ClientConnection(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self._resume(_PIPELINE | _CONNECTING)
+        request = self.upgrading
+        self.upgrading = None
+        if request is not None and request.pending:
+            upstream.write(b"".join(request.pending))  # what the client sent after its request
+        if request is not None:
+            request.pending = None
+        self._resume(_PIPELINE | _CONNECTING | _UPGRADE)
 
     def peer_eof(self) -> None:
         """The target finished sending: pass the half-close on."""
@@ -723,3 +804,10 @@ class ClientConnection(asyncio.Protocol):
     def tunnel_closed(self) -> None:
         self.upstream = None
         self.close()
+
+
+def _shown(url: bytes) -> str:
+    """A request-target as error lines show it: without its query, and cut to LOGGED_URL
+    characters (a client must not be able to write 64 KiB lines into the log)."""
+    path = url.partition(b"?")[0].decode("latin-1")
+    return path if len(path) <= LOGGED_URL else path[:LOGGED_URL] + "..."

@@ -371,6 +371,11 @@ class UpstreamConnection(asyncio.Protocol):
                 # a tunnel the client never asked for would carry its next requests (and
                 # their cookies) to this target
                 raise BadResponse("101 Switching Protocols to a request that asked for none")
+            if not any(
+                n.lower() == b"upgrade" and v.strip().lower() == b"websocket"
+                for n, v in self.headers
+            ):
+                raise BadResponse("101 Switching Protocols without Upgrade: websocket")
             self.out.append(_head(status, self.reason, self.headers, b""))
             self.head_sent = True
             return
@@ -468,7 +473,10 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(n.lower() == b"transfer-encoding" for n, _ in headers)
+    """Whether the body is chunked: the last coding of the last Transfer-Encoding is `chunked`
+    (with any other last coding the body ends when the connection does, RFC 9112 §6.3)."""
+    codings = [v for n, v in headers if n.lower() == b"transfer-encoding"]
+    return bool(codings) and codings[-1].rpartition(b",")[2].strip().lower() == b"chunked"
 
 
 def _head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], extra: bytes) -> bytes:
