@@ -275,7 +275,7 @@ def test_host_routing(side_by_side: Any, start_backend: Callable[..., Backend]) 
             json.dumps({"target": user.url}).encode(), AUTH,
         )  # fmt: skip
         assert status == 201
-        answers = []
+        answers: list[Any] = []
         for host, path in [
             ("river.hub.example.org", "/user/river/lab"),
             ("river.hub.example.org", "/hub/home"),
