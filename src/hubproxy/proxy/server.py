@@ -279,7 +279,10 @@ class ClientConnection(asyncio.Protocol):
             # bytes between requests start the head clock even if they begin no head (blank
             # lines, which llhttp skips), so that trickling them cannot hold the connection
             self.head_began = self.last_io
-        self._parse_all(data)
+        if len(data) <= FEED_SLICE and len(self.queue) < MAX_PIPELINED:
+            self._parse(data)  # nearly always: one call, not two
+        else:
+            self._parse_all(data)
 
     def _parse_all(self, data: bytes) -> None:
         """Parse `data`, in slices if it is large, holding back what MAX_PIPELINED leaves."""

@@ -332,10 +332,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # httptools callbacks
 
-    def on_message_begin(self) -> None:
-        if self.done:  # a second response to one request
-            raise BadResponse("more than one response to one request")
-
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
         self.head_bytes = len(reason) + 15
@@ -352,6 +348,8 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def on_headers_complete(self) -> None:
+        if self.done:  # a second response to one request
+            raise BadResponse("more than one response to one request")
         self.unparsed = 0
         status = self.parser.get_status_code()
         self.status = status
