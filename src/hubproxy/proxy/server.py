@@ -529,8 +529,13 @@ class ClientConnection(asyncio.Protocol):
             service.ws_proto if request.websocket else service.proto,
             websocket=request.websocket,
         )
-        if head.body >= BAD_FRAMING or (head.host is None and request.http11):
-            # conflicting framing or Host headers, or an HTTP/1.1 request without a Host
+        if (
+            head.body >= BAD_FRAMING
+            or (head.host is None and request.http11)
+            or (request.upgrade and head.body != NO_BODY)
+        ):
+            # conflicting framing or Host headers, an HTTP/1.1 request without a Host, or an
+            # upgrade request with a body (its bytes would be taken for the tunnel's)
             self.active = None
             self._bad_request(400, ValueError("bad Transfer-Encoding or Host headers"))
             return

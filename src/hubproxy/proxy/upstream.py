@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import socket
 import ssl
 import time
@@ -39,6 +40,7 @@ log = logging.getLogger("hubproxy")
 
 MAX_IDLE_PER_TARGET = 256  # Node's keep-alive agent keeps as many free sockets
 MAX_HEADERS = 1000  # header lines in a response head (as for requests: see server.py)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a reason phrase
 _REWRITE_STATUSES = frozenset({201, 301, 302, 307, 308})
 
 
@@ -333,6 +335,8 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_status(self, reason: bytes) -> None:
+        if _CONTROL.search(reason) is not None:  # llhttp lets them through; clients choke
+            raise BadResponse("control characters in the status line")
         self.reason = reason
         self.head_bytes = len(reason) + 15
 
@@ -356,12 +360,15 @@ class UpstreamConnection(asyncio.Protocol):
         client = self.client
         request = self.request
         assert client is not None and request is not None
+        if status < 100:  # llhttp reads any three digits
+            raise BadResponse(f"status {status}")
         if status < 200 and status != 101:
             # 100 Continue and friends: relay them (not to HTTP/1.0, which has none: RFC 9110
             # §15.2), then wait for the final response
             self.informational = True
             if request.http11:
-                self.out.append(_head(status, self.reason, self.headers, b""))
+                headers, _ = filter_response_headers(self.headers)
+                self.out.append(_head(status, self.reason, headers, b""))
             self.headers = []
             return
         if status == 101:
@@ -427,7 +434,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.unparsed = 0
-        if self.skip_body or self.informational:
+        if self.skip_body:
+            # bytes after a HEAD response's head: more than its response; never reuse it
+            self.keep_alive = False
+            return
+        if self.informational:
             return
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(body), body, b"\r\n")
