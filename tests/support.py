@@ -216,6 +216,15 @@ def _address(url: str) -> tuple[str, int, str | None]:
     return match.group(1), int(match.group(2)), None
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def http_request(
     host: str,
     port: int,

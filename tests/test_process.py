@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Backend, Proxy, ProxyProcess, http_request
+from support import Backend, Proxy, ProxyProcess, has_ipv6_loopback, http_request
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[ConfigProxy\] (error|warn|info|debug): (.*)$"
@@ -97,15 +97,6 @@ def unix_get(path: str, target: str = "/") -> tuple[int, bytes]:
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # --- spec §6.4: CHP's CLI tests ----------------------------------------------------------------

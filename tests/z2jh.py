@@ -29,6 +29,8 @@ import time
 
 import pytest
 
+from support import has_ipv6_loopback as has_ipv6
+
 POD_ADDRESS = "127.0.0.2"  # "not 127.0.0.1": refused by a listener bound to 127.0.0.1 only
 
 
@@ -47,26 +49,12 @@ def https_flags(
     hub: str, port: int, api_port: int, redirect_port: int, key: str, cert: str
 ) -> list[str]:
     return [
-        "--ip=",
-        "--api-ip=",
-        f"--api-port={api_port}",
-        f"--default-target={hub}",
-        f"--error-target={hub}/hub/error",
-        f"--port={port}",
+        *http_flags(hub, port, api_port),
         f"--redirect-port={redirect_port}",
         "--redirect-to=443",
         f"--ssl-key={key}",
         f"--ssl-cert={cert}",
     ]
-
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def pod_addresses() -> list[str]:
