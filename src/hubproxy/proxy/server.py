@@ -2,8 +2,8 @@
 
 Theory of operation. httptools calls us back as it parses; at the end of a request's headers
 (`on_headers_complete`) the request is started if nothing else is in flight, otherwise queued
-(pipelining; reading pauses until the queue drains, so at most one read of requests waits in
-memory). Starting means: route lookup in the in-memory table, the upstream head built, and an
+(pipelining: at most MAX_PIPELINED are parsed ahead; the rest of a read waits as bytes in
+`held`, and reading pauses until the queue drains). Starting means: route lookup in the in-memory table, the upstream head built, and an
 upstream connection taken from the target's pool (or, rarely, connected in a task). Body chunks
 are written to the upstream as they are parsed; chunks that arrive before an upstream is
 attached wait in `Request.pending`, and reading pauses meanwhile. The upstream leg writes the
@@ -13,14 +13,18 @@ Limits (docs/limits.md). A request head (request line and headers) and a trailer
 at most `--max-header-size` bytes and MAX_HEADERS lines, counted as bytes arrive: `unparsed`
 counts the bytes read since the parser last got anywhere (a head or a trailer block completed,
 body bytes delivered), so even a header line that never ends costs at most that much, plus one
-read. A head must also arrive within `--headers-timeout` of its first byte (the sweeper in
-`hubproxy.proxy` enforces it, and answers 408).
+FEED_SLICE (a larger read is parsed in slices). A head must also arrive within
+`--headers-timeout` of its first byte (the sweeper in `hubproxy.proxy` enforces it, and
+answers 408).
 
 Flow control: reading from the client pauses while the upstream's write buffer is full, and
-reading from the upstream pauses while the client's write buffer is full (`pause_writing`).
-Several reasons can pause reading at once; `_pause`/`_resume` keep them as bits.
+while its own write buffer is full (it does not read our answers); reading from the upstream
+pauses while the client's write buffer is full (`pause_writing`; an upstream attached meanwhile
+starts paused). Several reasons can pause reading at once; `_pause`/`_resume` keep them as bits.
 
-After an upgrade (`101`) both connections become a byte tunnel; see `become_tunnel`.
+After an upgrade request nothing more is parsed: what follows it waits in its `pending`, with
+reading paused, until the target's `101`; then both connections become a byte tunnel (see
+`become_tunnel`). A refused upgrade closes both.
 """
 
 from __future__ import annotations
