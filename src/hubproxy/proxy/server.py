@@ -3,8 +3,9 @@
 Theory of operation. httptools calls us back as it parses; at the end of a request's headers
 (`on_headers_complete`) the request is started if nothing else is in flight, otherwise queued
 (pipelining: at most MAX_PIPELINED are parsed ahead; the rest of a read waits as bytes in
-`held`, and reading pauses until the queue drains). Starting means: route lookup in the in-memory table, the upstream head built, and an
-upstream connection taken from the target's pool (or, rarely, connected in a task). Body chunks
+`held`, and reading pauses until the queue drains). Starting means: route lookup in the
+in-memory table, the upstream head built, and an upstream connection taken from the target's
+pool (or, rarely, connected in a task). Body chunks
 are written to the upstream as they are parsed; chunks that arrive before an upstream is
 attached wait in `Request.pending`, and reading pauses meanwhile. The upstream leg writes the
 response and calls `response_done`, which starts the next request or leaves the connection idle.
