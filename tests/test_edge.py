@@ -661,3 +661,21 @@ def test_a_long_request_target_is_cut_in_the_error_line(proxies: ProxyCache) -> 
     assert proxy.request("GET", path)[0] == 404
     line = proxy.wait_for_line(r"404 GET /nothing/a+\.\.\.").string
     assert len(line) < 1200
+
+
+def test_a_status_line_in_pieces_keeps_its_reason(proxy: Proxy) -> None:
+    """httptools reports a reason phrase in pieces when it comes in several reads."""
+
+    def in_pieces(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(b"HTTP/1.1 200 Every")
+        time.sleep(0.2)  # most often a read of its own (if not, the test proves nothing)
+        conn.sendall(b"thing Fine\r\nContent-Length: 2\r\n\r\nok")
+
+    with RawServer(in_pieces) as target:
+        proxy.add_route("/pieces", target.url)
+        with RawClient(proxy.host, proxy.port) as client:
+            client.request("GET", "/pieces/x")
+            resp = client.response()
+            assert (resp.reason, resp.body) == (b"Everything Fine", b"ok")

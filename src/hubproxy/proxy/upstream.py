@@ -337,8 +337,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_status(self, reason: bytes) -> None:
         if _CONTROL.search(reason) is not None:  # llhttp lets them through; clients choke
             raise BadResponse("control characters in the status line")
-        self.reason = reason
-        self.head_bytes = len(reason) + 15
+        self.reason += reason  # in pieces, when the status line comes in several reads
+        self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_sent:
@@ -370,6 +370,8 @@ class UpstreamConnection(asyncio.Protocol):
                 headers, _ = filter_response_headers(self.headers)
                 self.out.append(_head(status, self.reason, headers, b""))
             self.headers = []
+            self.reason = b""
+            self.head_bytes = 0
             return
         if status == 101:
             if not request.websocket:
