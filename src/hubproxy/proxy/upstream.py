@@ -335,7 +335,8 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_status(self, reason: bytes) -> None:
-        if _CONTROL.search(reason) is not None:  # llhttp lets them through; clients choke
+        # llhttp lets control characters through; clients choke (`isalpha`: "OK", at once)
+        if not reason.isalpha() and _CONTROL.search(reason) is not None:
             raise BadResponse("control characters in the status line")
         self.reason += reason  # in pieces, when the status line comes in several reads
         self.head_bytes += len(reason)
