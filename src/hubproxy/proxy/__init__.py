@@ -304,10 +304,7 @@ class ProxyService:
                         conn.abort()
                     else:
                         request = conn.active
-                        upstream.client = None
-                        upstream.request = None
-                        upstream.pool.forget()
-                        upstream.abort()
+                        upstream.abandon()
                         conn.upstream_failed(
                             request, None, retryable=False, detail="socket hang up"
                         )

@@ -367,10 +367,23 @@ class ClientConnection(asyncio.Protocol):
         self.head_began = 0.0
         if self.closed:
             return
-        if self.active is not None:
-            # a request is being answered: its answer cannot be followed by ours
-            self.abort()
-            return
+        active = self.active
+        if active is not None:
+            upstream = self.upstream
+            if (
+                self.parsing is not active  # the error is a later request's
+                or self.queue
+                or (upstream is not None and upstream.head_sent)
+            ):
+                # an answer has begun, or others wait before ours: ours cannot come first
+                self.abort()
+                return
+            # the request's own body (or trailers) is bad and no answer has begun: take the
+            # request back from its target and answer it ourselves, as CHP does
+            if upstream is not None:
+                self.upstream = None
+                upstream.abandon()
+            self.active = None
         log.debug("Bad request from %s: %d %s", self.client_ip.decode(), status, exc)
         body = reason(status)
         self.transport_write(

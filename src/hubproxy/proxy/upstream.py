@@ -204,6 +204,12 @@ class UpstreamConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    def abandon(self) -> None:
+        """The client gives up the exchange before any of the response was relayed: close the
+        connection (its request went out in part, or its answer would be nobody's)."""
+        self.pool.forget()
+        self.abort()
+
     def abort(self) -> None:
         self.closed = True
         self.client = None
