@@ -267,51 +267,49 @@ class ProxyService:
     async def _sweep(self) -> None:
         """Enforce the idle and inactivity timeouts with one timer for all connections."""
         interval = self._sweep_interval()
-        keep_alive = self.config.keep_alive_timeout / 1000
-        client_timeout = (self.config.timeout or 0) / 1000
-        proxy_timeout = (self.config.proxy_timeout or 0) / 1000
-        headers_timeout = self.config.headers_timeout / 1000
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            for conn in list(self.connections):
-                if conn.tunnel:
-                    continue
-                if (
-                    headers_timeout
-                    and conn.head_began
-                    and conn.active is None  # else we may not be reading (flow control)
-                    and now - conn.head_began > headers_timeout
+            self.sweep_once(time.monotonic())
+
+    def sweep_once(self, now: float) -> None:
+        """One pass of the timeouts, as at monotonic time `now`."""
+        config = self.config
+        keep_alive = config.keep_alive_timeout / 1000
+        client_timeout = (config.timeout or 0) / 1000
+        proxy_timeout = (config.proxy_timeout or 0) / 1000
+        headers_timeout = config.headers_timeout / 1000
+        for conn in list(self.connections):
+            if conn.tunnel:
+                continue
+            if (
+                headers_timeout
+                and conn.head_began
+                and conn.active is None  # else we may not be reading (flow control)
+                and now - conn.head_began > headers_timeout
+            ):
+                conn.head_timed_out()  # a slow head (slowloris): 408, as Node
+                continue
+            if conn.active is None:
+                if now - max(conn.idle_since, conn.last_io) > keep_alive or (
+                    conn.unfinished is not None and now - conn.idle_since > LINGER_SECONDS
                 ):
-                    conn.head_timed_out()  # a slow head (slowloris): 408, as Node
-                    continue
-                if conn.active is None:
-                    if now - max(conn.idle_since, conn.last_io) > keep_alive or (
-                        conn.unfinished is not None and now - conn.idle_since > LINGER_SECONDS
-                    ):
-                        conn.close()
-                    continue
-                if client_timeout and now - conn.last_io > client_timeout:
-                    conn.abort()  # CHP drops the client without an answer
-                    continue
-                upstream = conn.upstream
-                if (
-                    proxy_timeout
-                    and upstream is not None
-                    and now - upstream.last_io > proxy_timeout
-                ):
-                    if upstream.head_sent:
-                        conn.abort()
-                    else:
-                        request = conn.active
-                        upstream.abandon()
-                        conn.upstream_failed(
-                            request, None, retryable=False, detail="socket hang up"
-                        )
-            for pool in self._pools.values():
-                if pool.idle:
-                    pool.close_idle(UPSTREAM_IDLE_SECONDS)
-            self._forget_unused_pools()
+                    conn.close()
+                continue
+            if client_timeout and now - conn.last_io > client_timeout:
+                conn.abort()  # CHP drops the client without an answer
+                continue
+            upstream = conn.upstream
+            if proxy_timeout and upstream is not None and now - upstream.last_io > proxy_timeout:
+                if upstream.head_sent:
+                    conn.abort()
+                else:
+                    request = conn.active
+                    upstream.abandon()
+                    conn.upstream_failed(request, None, retryable=False, detail="socket hang up")
+        for pool in self._pools.values():
+            if pool.idle:
+                pool.close_idle(UPSTREAM_IDLE_SECONDS, now)
+        self._forget_unused_pools()
 
     # -- stopping ---------------------------------------------------------------------------------
 

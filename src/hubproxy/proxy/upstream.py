@@ -142,8 +142,9 @@ class Pool:
         if conn.client is None and conn in self.idle:
             self.idle.remove(conn)
 
-    def close_idle(self, older_than: float | None = None) -> None:
-        now = time.monotonic()
+    def close_idle(self, older_than: float | None = None, now: float | None = None) -> None:
+        if now is None:
+            now = time.monotonic()
         keep: list[UpstreamConnection] = []
         for conn in self.idle:
             if older_than is None or now - conn.idle_since > older_than:
