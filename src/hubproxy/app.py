@@ -16,7 +16,6 @@ from hubproxy.aioweb import start_site
 from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
 from hubproxy.dashboard import dashboard_pages
-from hubproxy.dataplane import DataPlane
 from hubproxy.eventloop import log_uncaught, loop_factory
 from hubproxy.listen import (
     Bound,
@@ -26,7 +25,8 @@ from hubproxy.listen import (
     bind_unix,
     remove_unix_socket,
 )
-from hubproxy.metrics import DataPlaneView, Metrics, create_metrics_app
+from hubproxy.metrics import Metrics, ProxyServiceView, create_metrics_app
+from hubproxy.proxy import ProxyService
 from hubproxy.redirect import start_redirect
 from hubproxy.routing import RouteTable
 from hubproxy.store import RouteStore, StoreSpecError, StoreUnavailable, open_store
@@ -175,9 +175,9 @@ async def serve(config: Config) -> int:
     public = publics[0]
 
     # the data plane: in this process, or in worker processes fed by this one
-    plane: DataPlane | None = None
+    plane: ProxyService | None = None
     workers: WorkerSet | None = None
-    view: DataPlaneView
+    view: ProxyServiceView
     api_store: RouteStore = store
     if config.workers > 1:
         workers = WorkerSet(config, table, config.workers, [b.sock for b in publics])
@@ -188,8 +188,8 @@ async def serve(config: Config) -> int:
         # this process reloads the API's certificate; each worker its own sides
         watcher = CertificateWatcher([tls.api]) if tls.api is not None else None
     else:
-        plane = DataPlane(config, table, tls)
-        view = plane.proxy
+        plane = ProxyService(config, table, tls)
+        view = plane
         watcher = CertificateWatcher(tls.sides) if tls.sides else None
     api_stats = ApiStats()
     metrics = Metrics(view, api_stats, flusher, workers.collector() if workers else None)
@@ -215,7 +215,7 @@ async def serve(config: Config) -> int:
                 return 1
         else:
             assert plane is not None
-            await plane.start(public.sock)
+            await plane.serve(public.sock)
         await api_runner.setup()
         api_ssl = tls.api.listening if tls.api else None
         await start_site(api_runner, api.sock, api_ssl)

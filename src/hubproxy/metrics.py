@@ -61,7 +61,7 @@ QUANTILES = (0.01, 0.05, 0.5, 0.9, 0.95, 0.99, 0.999)  # prom-client's default, 
 FLUSH_SAMPLES = 1024
 
 
-class DataPlaneView(Protocol):
+class ProxyServiceView(Protocol):
     """What the metrics page and the dashboard read of the data plane: this process's
     `ProxyService`, or with --workers the primary's `WorkerSet`, which adds up its workers'."""
 
@@ -158,7 +158,7 @@ def _exposition(metrics: Iterable[Metric]) -> str:
 class ChpCollector(Collector):
     """CHP's nine metrics (spec §3.12), read from the counters the proxy and the API keep."""
 
-    def __init__(self, proxy: DataPlaneView, api: ApiStats, flushes: Samples) -> None:
+    def __init__(self, proxy: ProxyServiceView, api: ApiStats, flushes: Samples) -> None:
         self.proxy = proxy
         self.api = api
         self.flushes = flushes
@@ -198,7 +198,7 @@ class ChpCollector(Collector):
 class HubproxyCollector(Collector):
     """What CHP does not measure: durations, connections, bytes, routes, activity flushes."""
 
-    def __init__(self, proxy: DataPlaneView, flusher: ActivityFlusher) -> None:
+    def __init__(self, proxy: ProxyServiceView, flusher: ActivityFlusher) -> None:
         self.proxy = proxy
         self.flusher = flusher
 
@@ -273,7 +273,7 @@ class Metrics:
 
     def __init__(
         self,
-        proxy: DataPlaneView,
+        proxy: ProxyServiceView,
         api: ApiStats,
         flusher: ActivityFlusher,
         extra: Collector | None = None,

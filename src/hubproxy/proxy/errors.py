@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http
 import logging
 import pathlib
 import ssl
@@ -20,6 +19,7 @@ import aiohttp
 import yarl
 
 from hubproxy.config import Config
+from hubproxy.proxy.status import reason
 from hubproxy.proxy.target import TargetError, parse_target
 
 log = logging.getLogger("hubproxy")
@@ -41,13 +41,6 @@ class PageTooLarge(Exception):
 class ErrorBody(NamedTuple):
     headers: list[tuple[bytes, bytes]]  # content-type / content-encoding to send
     body: bytes
-
-
-def reason(code: int) -> bytes:
-    try:
-        return http.HTTPStatus(code).phrase.encode()
-    except ValueError:
-        return b"Unknown"
 
 
 class ErrorPages:

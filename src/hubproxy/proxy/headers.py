@@ -236,3 +236,99 @@ def filter_response_headers(headers: Headers) -> tuple[Headers, bytes | None]:
     if named:
         kept = [(n, v) for n, v in kept if n.lower() not in named]
     return kept, length
+
+
+class LocationRewrite(NamedTuple):
+    """How `Location` headers of redirects are rewritten (None: they are not)."""
+
+    auto: bool  # --auto-rewrite: the client's Host replaces the target's
+    protocol: bytes | None  # --protocol-rewrite: this scheme replaces the target's
+
+
+REWRITE_STATUSES = frozenset({201, 301, 302, 307, 308})  # whose Location CHP rewrites
+
+
+def rewrite_locations(
+    headers: Headers, rewrite: LocationRewrite, target: Target, client_host: bytes | None
+) -> Headers:
+    """`headers` with their Location rewritten (see rewrite_location)."""
+    return [
+        (
+            name,
+            rewrite_location(value, target, client_host, rewrite.auto, rewrite.protocol)
+            if name.lower() == b"location"
+            else value,
+        )
+        for name, value in headers
+    ]
+
+
+# -- response framing: how a response's body ends, and how it is relayed ------------------------
+
+# how the body of a final response is relayed to the client
+RELAY_NONE = 0  # there is none (HEAD, 204, 304)
+RELAY_AS_IS = 1  # as the target framed it: its Content-Length is passed on
+RELAY_CHUNKED = 2  # chunked by the proxy, for an HTTP/1.1 client (the target's has no length)
+RELAY_TO_CLOSE = 3  # until the client connection closes (an HTTP/1.0 client, no length)
+
+
+class ResponseFraming(NamedTuple):
+    relay: int  # one of RELAY_*
+    ends_at_close: bool  # the target's body ends when its connection does (RFC 9112 §6.3)
+    skip_body: bool  # the parser will expect a body that a HEAD response never has
+    keep_client: bool  # the client connection may serve another request after this one
+
+
+def is_chunked(headers: Headers) -> bool:
+    """Whether the body is chunked: the last coding of the last Transfer-Encoding is `chunked`
+    (with any other last coding the body ends when the connection does, RFC 9112 §6.3)."""
+    codings = [v for n, v in headers if n.lower() == b"transfer-encoding"]
+    return bool(codings) and codings[-1].rpartition(b",")[2].strip().lower() == b"chunked"
+
+
+def response_framing(
+    status: int,
+    headers: Headers,
+    length: bytes | None,
+    head_request: bool,
+    client_http11: bool,
+    websocket_request: bool,
+) -> ResponseFraming:
+    """How the body of a final (>= 200) response to a request ends and is relayed.
+
+    `length` is the response's Content-Length (as `filter_response_headers` found it).
+    """
+    keep_client = not websocket_request  # a refused upgrade: answered, then both sides close
+    if head_request or status in (204, 304):
+        # no body; llhttp knows it for 204 and 304 but expects one after a HEAD's head
+        skip = head_request and length != b"0"
+        return ResponseFraming(RELAY_NONE, False, skip, keep_client)
+    ends_at_close = length is None and not is_chunked(headers)
+    if length is not None:
+        return ResponseFraming(RELAY_AS_IS, ends_at_close, False, keep_client)
+    if client_http11:
+        return ResponseFraming(RELAY_CHUNKED, ends_at_close, False, keep_client)
+    return ResponseFraming(RELAY_TO_CLOSE, ends_at_close, False, False)
+
+
+def keep_alive(http11: bool, headers: Headers) -> bool:
+    """Whether a target keeps its connection after a response, judged from its version and its
+    Connection header alone (HTTP/1.1 unless `close`; HTTP/1.0 never, as we send no
+    `keep-alive` to it)."""
+    return http11 and not any(
+        n.lower() == b"connection" and b"close" in v.lower() for n, v in headers
+    )
+
+
+def upgrades_to_websocket(headers: Headers) -> bool:
+    """Whether a 101 response's headers say `Upgrade: websocket`."""
+    return any(n.lower() == b"upgrade" and v.strip().lower() == b"websocket" for n, v in headers)
+
+
+def response_head(status_line: bytes, headers: Headers, extra: bytes) -> bytes:
+    """A response head: its status line, `headers`, then `extra` (pre-rendered lines)."""
+    parts = [status_line]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (extra, b"\r\n")
+    return b"".join(parts)

@@ -5,9 +5,9 @@ Theory of operation. httptools calls us back as it parses; at the end of a reque
 (pipelining: at most MAX_PIPELINED are parsed ahead; the rest of a read waits as bytes in
 `held`, and reading pauses until the queue drains). Starting means: route lookup in the
 in-memory table, the upstream head built, and an upstream connection taken from the target's
-pool (or, rarely, connected in a task). Body chunks
-are written to the upstream as they are parsed; chunks that arrive before an upstream is
-attached wait in `Request.pending`, and reading pauses meanwhile. The upstream leg writes the
+pool (or, rarely, connected in a task). Body chunks are written to the upstream as they are
+parsed; chunks that arrive before an upstream is linked wait in `Request.pending`, and reading
+pauses meanwhile. The upstream leg writes the
 response and calls `response_done`, which starts the next request or leaves the connection idle.
 
 Limits (docs/limits.md). A request head (request line and headers) and a trailer block may hold
@@ -18,14 +18,18 @@ FEED_SLICE (a larger read is parsed in slices). A head must also arrive within
 `--headers-timeout` of its first byte (the sweeper in `hubproxy.proxy` enforces it, and
 answers 408).
 
-Flow control: reading from the client pauses while the upstream's write buffer is full, and
-while its own write buffer is full (it does not read our answers); reading from the upstream
-pauses while the client's write buffer is full (`pause_writing`; an upstream attached meanwhile
-starts paused). Several reasons can pause reading at once; `_pause`/`_resume` keep them as bits.
+Flow control (`hubproxy.proxy.flow`): reading from the client pauses while the target
+connection's write buffer is full, and while its own write buffer is full (it does not read our
+answers); the target connection stops reading while the client's write buffer is full (an
+upstream linked meanwhile starts paused). Each leg pauses only its own reading, for reasons
+kept by its `ReadGate`.
 
-After an upgrade request nothing more is parsed: what follows it waits in its `pending`, with
+After an upgrade request nothing more is parsed: what follows it waits in `after_upgrade`, with
 reading paused, until the target's `101`; then both connections become a byte tunnel (see
-`become_tunnel`). A refused upgrade closes both.
+`tunnel_opened`). A refused upgrade closes both.
+
+The target connection is reached through the active request (`Request.link`), and spoken to
+only through `exchange.UpstreamSide`; it speaks to this leg through `exchange.ClientSide`.
 """
 
 from __future__ import annotations
@@ -40,22 +44,20 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from hubproxy.proxy.errors import ErrorBody, reason
+from hubproxy.proxy.errors import ErrorBody
+from hubproxy.proxy.exchange import BUFFER, STREAM, Request
+from hubproxy.proxy.flow import CLIENT_FULL, CONNECTING, PIPELINE, UPGRADE, UPSTREAM_FULL, ReadGate
 from hubproxy.proxy.headers import BAD_FRAMING, CHUNKED_BODY, NO_BODY, build_request_head
-from hubproxy.proxy.paths import (
-    BadPath,
-    decode_path,
-    host_key,
-    join_paths,
-    split_target,
-    strip_prefix,
-)
-from hubproxy.proxy.target import TargetError, UnresolvableTarget
-from hubproxy.proxy.upstream import Pool, UpstreamConnection, describe_error
+from hubproxy.proxy.paths import BadPath, decode_path, host_key, split_target
+from hubproxy.proxy.pool import Pool, describe_error
+from hubproxy.proxy.stats import DURATION_BUCKETS, LOOKUP_SAMPLE_EVERY
+from hubproxy.proxy.status import reason, status_line
+from hubproxy.proxy.target import Target, TargetError, UnresolvableTarget
+from hubproxy.proxy.upstream import UpstreamConnection
 from hubproxy.routing import Route
 
 if TYPE_CHECKING:
-    from hubproxy.proxy import ProxyService
+    from hubproxy.proxy.service import ProxyService
 
 log = logging.getLogger("hubproxy")
 
@@ -65,9 +67,6 @@ MAX_HEADERS = 1000
 # a request sent on a reused upstream connection that the target had closed meanwhile is sent
 # again only if repeating it is harmless (RFC 9110 §9.2.2)
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-LOOKUP_SAMPLE_EVERY = 16  # one route lookup in this many is timed (find_target_for_req)
-# request durations: upper bounds (seconds) of the histogram's buckets; a last bucket is +Inf
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 HEALTH_BODY = b'{"status":"OK"}'
 
 # requests parsed ahead of the one being answered; the rest of a read waits unparsed, so a
@@ -78,52 +77,9 @@ MAX_PIPELINED = 32
 FEED_SLICE = 16 * 1024
 LOGGED_URL = 1024  # characters of a request-target that go into an error line
 
-# reasons for not reading from the client: requests wait to be answered; an upstream
-# connection is being made; the upstream's write buffer is full; the client's own write buffer
-# is full (it does not read our answers); an upgrade request waits for its 101
-_PIPELINE, _CONNECTING, _UPSTREAM_FULL, _CLIENT_FULL, _UPGRADE = 1, 2, 4, 8, 16
-
 
 class HeadTooLarge(Exception):
     """A request head or trailer block passed --max-header-size or MAX_HEADERS (a 431)."""
-
-
-class Request:
-    __slots__ = (
-        "body_kind",
-        "complete",
-        "head",
-        "headers",
-        "headers_done",
-        "host",
-        "http11",
-        "keep_alive",
-        "method",
-        "pending",
-        "route",
-        "started",
-        "upgrade",
-        "url",
-        "websocket",
-    )
-
-    def __init__(self, started: float) -> None:
-        self.started = started  # monotonic time of the read that began it (durations)
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.method = b""
-        self.http11 = True
-        self.keep_alive = True
-        self.upgrade = False
-        self.websocket = False
-        self.head = False
-        self.complete = False
-        # body chunks parsed before an upstream was attached; None once streaming
-        self.pending: list[bytes] | None = []
-        self.route: Route | None = None
-        self.host: bytes | None = None
-        self.body_kind = 0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -131,16 +87,17 @@ class ClientConnection(asyncio.Protocol):
         self.service = service
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.gate = ReadGate()  # why we are not reading from the client (hubproxy.proxy.flow)
         self.client_ip = b"undefined"
         self.parsing: Request | None = None  # the request httptools is filling in
-        self.active: Request | None = None  # the request being answered
+        self.active: Request | None = None  # the request being answered; its upstream is ours
         self.queue: collections.deque[Request] = collections.deque()
         self.unfinished: Request | None = None  # answered, but its body is still arriving
-        self.upstream: UpstreamConnection | None = None
-        self.upstream_out: list[bytes] = []
+        self.upstream_out: list[bytes] = []  # body bytes of this read, for the active request
         # the upgrade request that ended HTTP on this connection; until its 101 (and the tunnel)
-        # what the client sends after it waits in its `pending`, never reaching the target
+        # what the client sends after it waits in `after_upgrade`, never reaching the target
         self.upgrading: Request | None = None
+        self.after_upgrade: list[bytes] = []
         self.held = b""  # bytes read but not parsed yet (MAX_PIPELINED requests wait)
         self.parse_held_soon = False
         self.writing_paused = False  # the client's write buffer is over its high-water mark
@@ -149,7 +106,6 @@ class ClientConnection(asyncio.Protocol):
         self.head_lines = 0
         self.unparsed = 0  # bytes read since the parser last completed something
         self.head_began = 0.0  # when the current head's first byte arrived; 0.0: no head under way
-        self.paused = 0
         self.closed = False
         self.tunnel = False
         self.eofs = 0
@@ -163,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        self.gate.attach(self.transport)  # type: ignore[arg-type]
         self.service.connections.add(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -178,13 +135,11 @@ class ClientConnection(asyncio.Protocol):
         service.stats.bytes_received += self.bytes_received
         service.stats.bytes_sent += self.bytes_sent
         self.bytes_received = self.bytes_sent = 0  # counted once, should this be called again
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            # its response was not read to its end: never reuse it
-            if not upstream.tunnel:
-                upstream.pool.forget()
-            upstream.abort()
+        active = self.active
+        if active is not None:
+            upstream = active.unlink()
+            if upstream is not None:
+                upstream.abandon()  # its response was not read to its end: never reuse it
 
     def close(self) -> None:
         if not self.closed:
@@ -198,9 +153,11 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
 
     def eof_received(self) -> bool | None:
-        if self.tunnel and self.upstream is not None:
-            self.upstream.write_eof()
+        upstream = self.active.upstream if self.active is not None else None
+        if self.tunnel and upstream is not None:
+            upstream.send_eof()
             self.eofs += 1
+            assert self.transport is not None
             if self.eofs >= 2 or not self.transport.can_write_eof():  # TLS: no half-close
                 return None
             return True
@@ -208,56 +165,50 @@ class ClientConnection(asyncio.Protocol):
 
     # -- flow control ----------------------------------------------------------------------------
 
-    def _pause(self, why: int) -> None:
-        if not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-        self.paused |= why
+    def upstream_full(self) -> None:
+        self.gate.pause(UPSTREAM_FULL)
 
-    def _resume(self, why: int) -> None:
-        if not self.paused & why:
-            return
-        self.paused &= ~why
-        if not self.paused and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-
-    def pause_reading_for_upstream(self) -> None:
-        self._pause(_UPSTREAM_FULL)
-
-    def resume_reading_for_upstream(self) -> None:
-        self._resume(_UPSTREAM_FULL)
+    def upstream_drained(self) -> None:
+        self.gate.resume(UPSTREAM_FULL)
 
     def pause_writing(self) -> None:
         """The client is not reading fast enough: stop reading what would be written to it (the
         upstream's response, and, in HTTP, further requests whose answers would pile up)."""
         self.writing_paused = True
-        upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.pause_reading()
+        active = self.active
+        if active is not None and active.upstream is not None:
+            active.upstream.client_full()
         if not self.tunnel:
-            self._pause(_CLIENT_FULL)
+            self.gate.pause(CLIENT_FULL)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        upstream = self.upstream
-        if upstream is not None and upstream.transport is not None and not upstream.closed:
-            upstream.transport.resume_reading()
-        self._resume(_CLIENT_FULL)
+        active = self.active
+        if active is not None and active.upstream is not None:
+            active.upstream.client_drained()
+        self.gate.resume(CLIENT_FULL)
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def transport_write(self, data: bytes) -> None:
+    def send(self, data: bytes, now: float) -> None:
+        """The target's bytes, read at `now` (which counts as activity on this leg too)."""
+        self.last_io = now
+        self._write(data)
+
+    def send_parts(self, parts: list[bytes], now: float) -> None:
+        self.last_io = now
+        if parts:
+            self._write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
             self.bytes_sent += len(data)
 
-    def transport_writelines(self, data: list[bytes]) -> None:
-        if not self.closed and self.transport is not None:
-            out = data[0] if len(data) == 1 else b"".join(data)
-            self.transport.write(out)
-            self.bytes_sent += len(out)
-
-    def connection_header(self, request: Request) -> bytes:
-        if request.keep_alive and not self.service.draining:
+    def connection_header(self, request: Request, keep: bool = True) -> bytes:
+        """Keep the connection after `request`'s answer if the request, the answer (`keep`) and
+        the proxy (not draining) all allow it; the decision is the request's from now on."""
+        if keep and request.keep_alive and not self.service.draining:
             return self.service.keep_alive_header
         request.keep_alive = False
         return b"Connection: close\r\n"
@@ -265,25 +216,22 @@ class ClientConnection(asyncio.Protocol):
     # -- reading requests ------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.last_io = time.monotonic()
+        self.last_io = now = time.monotonic()
         self.bytes_received += len(data)
         if self.tunnel:
-            upstream = self.upstream
-            if upstream is not None:
-                upstream.write(data)
-                active = self.active
-                if active is not None and active.route is not None:
+            active = self.active
+            if active is not None and active.upstream is not None:
+                active.upstream.send(data, now)
+                if active.route is not None:
                     self.service.table.mark_active(active.route)
             return
         if self.upgrading is not None:  # reading is paused; a TLS record may still come
-            pending = self.upgrading.pending
-            if pending is not None:
-                pending.append(data)
+            self.after_upgrade.append(data)
             return
         if not self.head_began and self.active is None and self.unfinished is None:
             # bytes between requests start the head clock even if they begin no head (blank
             # lines, which llhttp skips), so that trickling them cannot hold the connection
-            self.head_began = self.last_io
+            self.head_began = now
         if len(data) <= FEED_SLICE and len(self.queue) < MAX_PIPELINED:
             self._parse(data)  # nearly always: one call, not two
         else:
@@ -298,12 +246,12 @@ class ClientConnection(asyncio.Protocol):
         for start in range(0, len(data), FEED_SLICE):
             if len(self.queue) >= MAX_PIPELINED:
                 self.held = data[start:]
-                self._pause(_PIPELINE)
+                self.gate.pause(PIPELINE)
                 return
             end = start + FEED_SLICE
             if not self._parse(view[start:end]):
                 if self.upgrading is not None and end < len(data):
-                    self._hold_for_upgrade(data[end:])
+                    self.after_upgrade.append(data[end:])
                 return
 
     def _parse(self, data: bytes | memoryview) -> bool:
@@ -316,8 +264,10 @@ class ClientConnection(asyncio.Protocol):
             self._flush_upstream()
             # nothing after an upgrade request is HTTP; it waits for the target's 101
             self.upgrading = self.parsing
-            self._pause(_UPGRADE)
-            self._hold_for_upgrade(bytes(data[upgrade.args[0] :]))
+            self.gate.pause(UPGRADE)
+            rest = bytes(data[upgrade.args[0] :])
+            if rest:
+                self.after_upgrade.append(rest)
             return False
         except httptools.HttpParserCallbackError as e:
             # raised inside one of our callbacks: an oversized head, or a bug of ours
@@ -337,11 +287,6 @@ class ClientConnection(asyncio.Protocol):
             self._bad_request(431, HeadTooLarge(f"{self.unparsed} bytes of an unfinished head"))
         return not self.closed
 
-    def _hold_for_upgrade(self, data: bytes) -> None:
-        request = self.upgrading
-        if data and request is not None and request.pending is not None:
-            request.pending.append(data)
-
     def _parse_held(self) -> None:
         """Answers have made room in the pipeline: parse what was held back."""
         self.parse_held_soon = False
@@ -350,18 +295,19 @@ class ClientConnection(asyncio.Protocol):
         data, self.held = self.held, b""
         self._parse_all(data)
         if not self.held and not self.queue:
-            self._resume(_PIPELINE)
+            self.gate.resume(PIPELINE)
 
     def _flush_upstream(self) -> None:
+        """Send the target what this read gave of the active request's body."""
         out = self.upstream_out
         if out:
-            upstream = self.upstream
-            if upstream is not None and upstream.transport is not None:
-                upstream.transport.write(b"".join(out) if len(out) > 1 else out[0])
-                upstream.last_io = self.last_io  # writing counts for --proxy-timeout
+            active = self.active
+            upstream = active.upstream if active is not None else None
+            if upstream is not None:
+                upstream.send(b"".join(out) if len(out) > 1 else out[0], self.last_io)
             out.clear()
         if self.queue:
-            self._pause(_PIPELINE)
+            self.gate.pause(PIPELINE)
 
     def _bad_request(self, status: int, exc: BaseException | None) -> None:
         self.head_began = 0.0
@@ -369,11 +315,11 @@ class ClientConnection(asyncio.Protocol):
             return
         active = self.active
         if active is not None:
-            upstream = self.upstream
+            upstream = active.upstream
             if (
                 self.parsing is not active  # the error is a later request's
                 or self.queue
-                or (upstream is not None and upstream.head_sent)
+                or (upstream is not None and upstream.answering)
             ):
                 # an answer has begun, or others wait before ours: ours cannot come first
                 self.abort()
@@ -381,14 +327,14 @@ class ClientConnection(asyncio.Protocol):
             # the request's own body (or trailers) is bad and no answer has begun: take the
             # request back from its target and answer it ourselves, as CHP does
             if upstream is not None:
-                self.upstream = None
+                active.unlink()
                 upstream.abandon()
             self.active = None
         log.debug("Bad request from %s: %d %s", self.client_ip.decode(), status, exc)
         body = reason(status)
-        self.transport_write(
-            b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, body, len(body), body)
+        self._write(
+            b"%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status_line(status), len(body), body)
         )
         self.close()
 
@@ -396,8 +342,22 @@ class ClientConnection(asyncio.Protocol):
         """--headers-timeout passed since the current head's first byte (the sweeper's call)."""
         self._bad_request(408, TimeoutError("request head not received in time"))
 
+    def upstream_timed_out(self) -> None:
+        """--proxy-timeout passed without a byte to or from the target (the sweeper's call):
+        a 503 if its answer has not begun, else the client is cut off."""
+        request = self.active
+        upstream = request.upstream if request is not None else None
+        if request is None or upstream is None:
+            raise RuntimeError("no target connection to time out")
+        if upstream.answering:
+            self.abort()
+            return
+        request.unlink()
+        upstream.abandon()
+        self.upstream_failed(request, None, retryable=False, detail="socket hang up")
+
     def on_message_begin(self) -> None:
-        self.parsing = Request(self.last_io)
+        self.parsing = Request(self, self.last_io)
         self.head_bytes = 0
         self.head_lines = 0
         self.head_began = self.last_io
@@ -444,15 +404,15 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None
         if request.route is not None:  # CHP counts every body chunk as activity
             self.service.table.mark_active(request.route)
-        pending = request.pending
-        if pending is not None:
-            pending.append(body)
-        elif request is self.active and self.upstream is not None:
+        sink = request.sink
+        if sink is STREAM:
             if request.body_kind == CHUNKED_BODY:
                 self.upstream_out += (b"%x\r\n" % len(body), body, b"\r\n")
             else:
                 self.upstream_out.append(body)
-        # else: the answer was an error; the rest of the body is read and dropped
+        elif sink is BUFFER:
+            request.pending.append(body)
+        # else (DROP): answered already; the rest of the body is read and dropped
 
     def on_message_complete(self) -> None:
         self.unparsed = 0
@@ -463,7 +423,7 @@ class ClientConnection(asyncio.Protocol):
             self.unfinished = None
             self._next()
             return
-        if request.pending is None and request.body_kind == CHUNKED_BODY and request is self.active:
+        if request.sink is STREAM and request.body_kind == CHUNKED_BODY:
             self.upstream_out.append(b"0\r\n\r\n")
 
     # -- answering -------------------------------------------------------------------------------
@@ -486,24 +446,56 @@ class ClientConnection(asyncio.Protocol):
     def _forward(self, request: Request, fresh: bool = False) -> None:
         """Route `request` and send it to its target (again, on a `fresh` connection, after a
         stale pooled one)."""
-        service = self.service
-        stats = service.stats
-        url = request.url
+        found = self._route(request)
+        if found is None:
+            return  # answered
+        route, path, query = found
+        request.route = route
+        if request.upgrade:
+            if not _websocket_acceptable(request):
+                self.abort()
+                return
+            request.websocket = True
         try:
-            path, query = split_target(url)
+            target, pool = self.service.pool_for(route.target)
+        except TargetError as e:
+            self.fail(request, 503 if isinstance(e, UnresolvableTarget) else 500, str(e))
+            return
+        path = self.service.upstream_path(path, query, route, target)
+        head = self._upstream_head(request, path, target)
+        if head is None:
+            return  # answered: a 400
+        if self.service.debug:
+            kind = "WS" if request.websocket else "WEB"
+            shown = request.url.partition(b"?")[0].decode("latin-1")
+            log.debug("PROXY %s %s to %s", kind, shown, route.target)
+        conn = None if fresh else pool.take()
+        if conn is not None:
+            self._attach(request, conn, head)
+        else:
+            self.gate.pause(CONNECTING)
+            self.service.spawn(self._connect(request, pool, head))
+
+    def _route(self, request: Request) -> tuple[Route, bytes, bytes] | None:
+        """The route for `request`, and its path and query; None once it has been answered (no
+        route, a bad path or a bad Host)."""
+        service = self.service
+        try:
+            path, query = split_target(request.url)
             key = decode_path(path)
         except BadPath as e:
             self.fail(request, 500, f"URIError: {e}")
-            return
+            return None
         if service.host_routing:
             hosts = [value for name, value in request.headers if name.lower() == b"host"]
             if len(hosts) > 1 or (not hosts and request.http11):
                 # RFC 9112 §3.2; HTTP/1.0 may omit it (CHP then routes to `undefined`)
                 self.active = None
                 self._bad_request(400, ValueError("no Host header, or more than one"))
-                return
+                return None
             request.host = hosts[0] if hosts else None
             key = host_key(request.host, key)
+        stats = service.stats
         if stats.timing:  # find_target_for_req: one lookup in LOOKUP_SAMPLE_EVERY is timed
             stats.lookups = lookups = stats.lookups + 1
             if lookups % LOOKUP_SAMPLE_EVERY == 1:
@@ -516,31 +508,16 @@ class ClientConnection(asyncio.Protocol):
             route = service.table.lookup(key)
         if route is None:
             self.fail(request, 404, "Not Found")
-            return
-        request.route = route
-        if request.upgrade:
-            if not self._websocket_acceptable(request):
-                self.abort()
-                return
-            request.websocket = True
-        try:
-            target, pool = service.pool_for(route.target)
-        except TargetError as e:
-            self.fail(request, 503 if isinstance(e, UnresolvableTarget) else 500, str(e))
-            return
-        if not service.include_prefix:
-            path = strip_prefix(path, service.prefix_depth(route))
-        if service.prepend_path:
-            if target.path != "/" or target.query:
-                path = join_paths(target.path.encode(), target.query.encode(), path, query)
-            elif query:
-                path = (path or b"/") + b"?" + query
-        else:
-            path = join_paths(b"/", b"", path, query)
+            return None
+        return route, path, query
+
+    def _upstream_head(self, request: Request, path: bytes, target: Target) -> bytes | None:
+        """The request head for the target; None once the request has been answered (a 400)."""
+        service = self.service
         head = build_request_head(
             service.forward,
             request.method,
-            path or b"/",
+            path,
             request.headers,
             target,
             self.client_ip,
@@ -556,27 +533,10 @@ class ClientConnection(asyncio.Protocol):
             # upgrade request with a body (its bytes would be taken for the tunnel's)
             self.active = None
             self._bad_request(400, ValueError("bad Transfer-Encoding or Host headers"))
-            return
+            return None
         request.host = head.host
         request.body_kind = head.body
-        if service.debug:
-            kind = "WS" if request.websocket else "WEB"
-            shown = url.partition(b"?")[0].decode("latin-1")
-            log.debug("PROXY %s %s to %s", kind, shown, route.target)
-        conn = None if fresh else pool.take()
-        if conn is not None:
-            self._attach(request, conn, head.head)
-        else:
-            self._pause(_CONNECTING)
-            service.spawn(self._connect(request, pool, head.head))
-
-    def _websocket_acceptable(self, request: Request) -> bool:
-        if request.method != b"GET":
-            return False
-        for name, value in request.headers:
-            if name.lower() == b"upgrade":
-                return value.strip().lower() == b"websocket"
-        return False
+        return head.head
 
     async def _connect(self, request: Request, pool: Pool, head: bytes) -> None:
         try:
@@ -585,39 +545,43 @@ class ClientConnection(asyncio.Protocol):
             async with asyncio.timeout(self.service.connect_timeout):
                 conn = await pool.connect()
         except TimeoutError:
-            self._resume(_CONNECTING)
+            self.gate.resume(CONNECTING)
             self.upstream_failed(request, None, retryable=False, detail="socket hang up")
             return
         except (OSError, ValueError) as e:
-            self._resume(_CONNECTING)
+            self.gate.resume(CONNECTING)
             self.upstream_failed(request, e, retryable=False)
             return
-        self._resume(_CONNECTING)
-        if self.closed or request is not self.active:
+        self.gate.resume(CONNECTING)
+        if self.closed:  # the client went away (or was cut off) meanwhile
             pool.release(conn)
             return
         self._attach(request, conn, head)
 
     def _attach(self, request: Request, conn: UpstreamConnection, head: bytes) -> None:
-        self.upstream = conn
-        conn.begin(self, request)
-        assert conn.transport is not None
+        """Link `conn` to `request` and send it the head, and whatever of the body came."""
+        if request is not self.active:
+            raise RuntimeError("a target connection for a request that is not being answered")
+        now = self.last_io
+        request.link(conn)
+        conn.expect_response(now)
         if self.writing_paused:  # the client is not reading: nor do we, from its new upstream
-            conn.transport.pause_reading()
+            conn.client_full()
         if request.upgrade:
-            conn.transport.write(head)  # what followed the head waits for the 101
+            conn.send(head, now)  # what followed the head waits for the 101
             return
         out = [head]
-        pending = request.pending or ()
-        if request.body_kind == CHUNKED_BODY:
-            for chunk in pending:
-                out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-            if request.complete:
-                out.append(b"0\r\n\r\n")
-        else:
-            out += pending
-        request.pending = None
-        conn.transport.write(b"".join(out) if len(out) > 1 else head)
+        pending = request.pending
+        if pending:
+            if request.body_kind == CHUNKED_BODY:
+                for chunk in pending:
+                    out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            else:
+                out += pending
+            request.pending = []
+        if request.complete and request.body_kind == CHUNKED_BODY:
+            out.append(b"0\r\n\r\n")
+        conn.send(b"".join(out) if len(out) > 1 else head, now)
 
     def count_response(self, status: int) -> None:
         counts = self.service.stats.requests_proxy
@@ -625,7 +589,7 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, request: Request, status: int) -> None:
         """The upstream's answer to `request` has been written in full."""
-        self._detach_upstream()
+        self.gate.resume(UPSTREAM_FULL)  # the target connection is gone: its reason too
         service = self.service
         route = request.route
         if route is not None and status < 300:
@@ -658,14 +622,10 @@ class ClientConnection(asyncio.Protocol):
             self.client_ip,
         )
 
-    def _detach_upstream(self) -> None:
-        """The upstream is done with us: whatever it made us pause for no longer holds."""
-        self.upstream = None
-        self._resume(_UPSTREAM_FULL)
-
     def _finish(self, request: Request) -> None:
+        """`request` has its whole answer: keep the connection for the next one, or close."""
         if request is not self.active:
-            return
+            raise RuntimeError("an answer finished for a request that is not being answered")
         self.active = None
         if not request.keep_alive or self.service.draining:
             self.close()
@@ -684,14 +644,14 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self.start(self.queue.popleft())
             if not self.queue and not self.held:
-                self._resume(_PIPELINE)
+                self.gate.resume(PIPELINE)
             self._flush_upstream()
         else:
             self.idle_since = time.monotonic()
             if self.head_began:  # the next head's clock runs from now: we were not reading
                 self.head_began = self.idle_since
             if not self.held:
-                self._resume(_PIPELINE)
+                self.gate.resume(PIPELINE)
         if self.held and not self.parse_held_soon and len(self.queue) < MAX_PIPELINED:
             # not now: this may run inside a parser callback, and the parser is not re-entrant
             self.parse_held_soon = True
@@ -699,7 +659,6 @@ class ClientConnection(asyncio.Protocol):
 
     def response_broken(self, request: Request) -> None:
         """The upstream failed after its response began: the client can only be cut off."""
-        self.upstream = None
         log.error(
             "%s %s upstream connection lost mid-response",
             request.method.decode(),
@@ -714,10 +673,12 @@ class ClientConnection(asyncio.Protocol):
         retryable: bool,
         detail: str | None = None,
     ) -> None:
-        """The upstream failed before its response began."""
-        self._detach_upstream()
-        if request is not self.active or self.closed:
+        """The upstream failed before its response began (it is unlinked already)."""
+        self.gate.resume(UPSTREAM_FULL)
+        if self.closed:  # the client went away meanwhile: nobody to answer
             return
+        if request is not self.active:
+            raise RuntimeError("a target failed a request that is not being answered")
         route = request.route
         if (
             retryable
@@ -726,7 +687,6 @@ class ClientConnection(asyncio.Protocol):
             and route is not None
         ):
             # a kept-alive connection the target had closed meanwhile: one fresh try
-            request.pending = []
             self._forward(request, fresh=True)
             return
         if detail is None:
@@ -747,21 +707,18 @@ class ClientConnection(asyncio.Protocol):
         if service.stats.timing:
             service.stats.observe_duration(status, time.monotonic() - request.started)
         if request.upgrade:
-            self._websocket_error(request, status, detail)
+            self._websocket_error(request, status)
             return
-        request.pending = None
+        request.answered_here()
         if service.errors.fetches:
             service.spawn(self._send_fetched_error(request, status))
         else:
             self._send_error(request, status, service.errors.page(status))
 
-    def _websocket_error(self, request: Request, status: int, detail: str) -> None:
+    def _websocket_error(self, request: Request, status: int) -> None:
         # CHP sends a bare `HTTP/1.1 503` line; the reason phrase's space is required (RFC 9112
         # §4), and strict clients (Python's websockets) refuse the line without it
-        self.transport_write(
-            b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            % (status, reason(status))
-        )
+        self._write(status_line(status) + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
         if self.service.access_log is not None:
             self._log_access(request, status, time.monotonic())
         self.active = None
@@ -769,12 +726,11 @@ class ClientConnection(asyncio.Protocol):
 
     async def _send_fetched_error(self, request: Request, status: int) -> None:
         body = await self.service.errors.fetch(status, request.url)
-        self._send_error(request, status, body)
+        if not self.closed:  # the client may have gone while the page was fetched
+            self._send_error(request, status, body)
 
     def _send_error(self, request: Request, status: int, error: ErrorBody) -> None:
-        if self.closed or request is not self.active:
-            return
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
+        parts = [status_line(status)]
         for name, value in error.headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"Content-Length: %d\r\n" % len(error.body))
@@ -782,39 +738,39 @@ class ClientConnection(asyncio.Protocol):
         parts.append(b"\r\n")
         if not request.head:
             parts.append(error.body)
-        self.transport_write(b"".join(parts))
+        self._write(b"".join(parts))
         if self.service.access_log is not None:
             self._log_access(request, status, time.monotonic())
         self._finish(request)
 
     def _send_health(self, request: Request) -> None:
-        head = (
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
-            % (len(HEALTH_BODY), self.connection_header(request))
+        head = b"%sContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n" % (
+            status_line(200),
+            len(HEALTH_BODY),
+            self.connection_header(request),
         )
-        request.pending = None
-        self.transport_write(head if request.head else head + HEALTH_BODY)
+        request.answered_here()
+        self._write(head if request.head else head + HEALTH_BODY)
         self.bytes_logged = self.bytes_sent  # not in the access log, nor in the next line's bytes
         self._finish(request)
 
     # -- tunnel ----------------------------------------------------------------------------------
 
-    def become_tunnel(self, upstream: UpstreamConnection) -> None:
+    def tunnel_opened(self, request: Request) -> None:
         """The target accepted the upgrade: from now on, bytes flow unparsed both ways."""
+        if request is not self.active or request is not self.upgrading:
+            raise RuntimeError("a tunnel for a request that did not ask for one")
         self.tunnel = True
-        self.upstream = upstream
-        if self.service.access_log is not None and self.active is not None:
-            self._log_access(self.active, 101, self.last_io)
+        if self.service.access_log is not None:
+            self._log_access(request, 101, self.last_io)
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        request = self.upgrading
         self.upgrading = None
-        if request is not None and request.pending:
-            upstream.write(b"".join(request.pending))  # what the client sent after its request
-        if request is not None:
-            request.pending = None
-        self._resume(_PIPELINE | _CONNECTING | _UPGRADE)
+        after, self.after_upgrade = self.after_upgrade, []
+        if after and request.upstream is not None:  # what the client sent after its request
+            request.upstream.send(b"".join(after), self.last_io)
+        self.gate.resume(PIPELINE | CONNECTING | UPGRADE)
 
     def peer_eof(self) -> None:
         """The target finished sending: pass the half-close on."""
@@ -828,8 +784,20 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def tunnel_closed(self) -> None:
-        self.upstream = None
+        if self.active is not None:
+            self.active.unlink()
         self.close()
+
+
+def _websocket_acceptable(request: Request) -> bool:
+    """A WebSocket upgrade is a GET with `Upgrade: websocket` (else the connection is cut, as
+    CHP's upgrade handler does)."""
+    if request.method != b"GET":
+        return False
+    for name, value in request.headers:
+        if name.lower() == b"upgrade":
+            return value.strip().lower() == b"websocket"
+    return False
 
 
 def _shown(url: bytes) -> str:

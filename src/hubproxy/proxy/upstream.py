@@ -1,15 +1,20 @@
-"""The upstream leg: one Protocol per connection to a target, pooled per target.
+"""The upstream leg: one Protocol per connection to a target, lent by its `Pool`.
 
-An `UpstreamConnection` serves one exchange at a time for the `ClientConnection` it is lent to.
-It parses the response with httptools and writes it to the client re-framed for the client
-(the proxy removes `Transfer-Encoding` and chunks again itself), gathering everything one read
-produces into a single write. After a complete response that left the connection reusable it
-goes back to its `Pool`; anything else closes it, so a connection whose response was not read
-to its end is never reused.
+An `UpstreamConnection` answers one request at a time. It parses the response with httptools
+and writes it to the client re-framed for the client (the proxy removes `Transfer-Encoding` and
+chunks again itself), gathering everything one read produces into a single write. Its life is
+a few named phases (`Phase`), changed only by `_enter`, which refuses a transition the table
+does not allow and tells the pool when a loan begins or ends:
 
-After a `101 Switching Protocols` the connection becomes one half of a byte tunnel (WebSocket),
-but only when the request asked for that upgrade: a target that answers 101 to anything else
-would otherwise take over the client's connection, and the requests that follow on it.
+    NEW ──> WAITING ──> HEAD ──> BODY ──> DONE ──> IDLE ──> WAITING ...
+              │  ^        └───> TUNNEL               (and from any phase: CLOSED)
+              └──┴── IDLE (given back unused)
+
+After a complete response that left the connection reusable it goes back to its pool; anything
+else closes it, so a connection whose response was not read to its end is never reused. After
+a `101 Switching Protocols` the connection becomes one half of a byte tunnel (WebSocket), but
+only when the request asked for that upgrade: a target that answers 101 to anything else would
+otherwise take over the client's connection, and the requests that follow on it.
 
 Limits (docs/limits.md): a response head is held to `--max-header-size` bytes and MAX_HEADERS
 lines, counted as bytes arrive (as on the client leg); past them, the client gets the answer for
@@ -20,28 +25,76 @@ by its framing) has its connection closed instead of pooled; the client keeps it
 from __future__ import annotations
 
 import asyncio
-import errno
-import logging
+import enum
 import re
 import socket
-import ssl
 import time
 from typing import TYPE_CHECKING
 
 import httptools
 
-from hubproxy.proxy.headers import filter_response_headers, rewrite_location
-from hubproxy.proxy.target import Target
+from hubproxy.proxy.flow import CLIENT_FULL, ReadGate
+from hubproxy.proxy.headers import (
+    RELAY_CHUNKED,
+    RELAY_NONE,
+    REWRITE_STATUSES,
+    filter_response_headers,
+    keep_alive,
+    response_framing,
+    response_head,
+    rewrite_locations,
+    upgrades_to_websocket,
+)
+from hubproxy.proxy.status import status_line
 
 if TYPE_CHECKING:
-    from hubproxy.proxy.server import ClientConnection, Request
+    from hubproxy.proxy.exchange import Request
+    from hubproxy.proxy.pool import Pool
 
-log = logging.getLogger("hubproxy")
-
-MAX_IDLE_PER_TARGET = 256  # Node's keep-alive agent keeps as many free sockets
 MAX_HEADERS = 1000  # header lines in a response head (as for requests: see server.py)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a reason phrase
-_REWRITE_STATUSES = frozenset({201, 301, 302, 307, 308})
+
+
+class Phase(enum.Enum):
+    NEW = "new"  # connected, not lent yet
+    IDLE = "idle"  # in its pool
+    WAITING = "waiting"  # lent: its request is going out; no byte of the answer yet
+    HEAD = "head"  # the answer's head is arriving (after any 1xx)
+    BODY = "body"  # the head went to the client; the body follows
+    DONE = "done"  # the whole answer is parsed
+    TUNNEL = "tunnel"  # after 101: bytes both ways; never back in a pool
+    CLOSED = "closed"
+
+    # set below, for `_enter`: a bit per phase, the bits of the phases it may go to, and
+    # whether a connection in this phase is on loan from its pool
+    bit: int
+    allowed: int
+    lent: bool
+
+
+_NEXT = {
+    Phase.NEW: (Phase.WAITING, Phase.CLOSED),
+    Phase.IDLE: (Phase.WAITING, Phase.CLOSED),
+    Phase.WAITING: (Phase.HEAD, Phase.IDLE, Phase.CLOSED),
+    Phase.HEAD: (Phase.BODY, Phase.TUNNEL, Phase.CLOSED),
+    Phase.BODY: (Phase.DONE, Phase.CLOSED),
+    Phase.DONE: (Phase.IDLE, Phase.CLOSED),
+    Phase.TUNNEL: (Phase.CLOSED,),
+    Phase.CLOSED: (),
+}
+LENT = frozenset({Phase.WAITING, Phase.HEAD, Phase.BODY, Phase.DONE})
+for _i, _phase in enumerate(Phase):
+    _phase.bit = 1 << _i
+    _phase.lent = _phase in LENT
+for _phase, _to in _NEXT.items():
+    _phase.allowed = sum(p.bit for p in _to)
+
+# the hot path reads these as module globals (an Enum's class attribute costs ~90 ns)
+NEW, IDLE, WAITING, HEAD, BODY, DONE, TUNNEL, CLOSED = Phase
+
+
+class InvalidTransition(RuntimeError):
+    """A phase change the table does not allow: a bug of ours, never a peer's doing."""
 
 
 class BadResponse(Exception):
@@ -49,295 +102,233 @@ class BadResponse(Exception):
     logged)."""
 
 
-def describe_error(exc: BaseException | None, target: Target) -> str:
-    """A one-line error detail in CHP's style (`connect ECONNREFUSED 127.0.0.1:9199`)."""
-    where = target.unix_path if target.unix_path is not None else f"{target.host}:{target.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):  # before OSError: its errno is 1 (EPERM)
-        return f"{exc.verify_message} {where}"  # "self-signed certificate 127.0.0.1:8443", as Node
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS {exc.reason or exc} {where}"
-    if isinstance(exc, ConnectionRefusedError) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
-    ):
-        return f"connect {errno.errorcode.get(exc.errno or 0, 'ECONNREFUSED')} {where}"
-    if isinstance(exc, OSError) and exc.errno in errno.errorcode:
-        return f"{errno.errorcode[exc.errno]} {where}: {exc.strerror}"
-    if exc is None:
-        return "socket hang up"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class Pool:
-    """Idle keep-alive connections to one target, most recently used first."""
-
-    __slots__ = ("idle", "in_use", "loop", "max_head", "ssl_context", "target")
-
-    def __init__(
-        self, target: Target, ssl_context: ssl.SSLContext | None, max_head: int = 64 * 1024
-    ) -> None:
-        self.target = target
-        self.max_head = max_head  # a response head's largest size (--max-header-size)
-        self.ssl_context = ssl_context
-        self.idle: list[UpstreamConnection] = []
-        self.in_use = 0
-        self.loop = asyncio.get_running_loop()
-
-    @property
-    def unused(self) -> bool:
-        """Nothing lent, nothing being connected, nothing idle: the pool may be forgotten."""
-        return not self.in_use and not self.idle
-
-    def take(self) -> UpstreamConnection | None:
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                conn.reused = True
-                self.in_use += 1
-                return conn
-        return None
-
-    async def connect(self) -> UpstreamConnection:
-        """A new connection, lent to the caller (counted in `in_use` from the first attempt)."""
-        target = self.target
-        self.in_use += 1
-        try:
-            if target.unix_path is not None:
-                _, conn = await self.loop.create_unix_connection(
-                    lambda: UpstreamConnection(self), target.unix_path
-                )
-            else:
-                _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    target.host,
-                    target.port,
-                    ssl=self.ssl_context,
-                    server_hostname=target.host if self.ssl_context is not None else None,
-                )
-        except BaseException:
-            self.in_use -= 1
-            raise
-        return conn
-
-    def forget(self) -> None:
-        """A lent connection will not come back (it closed, or became a tunnel)."""
-        self.in_use -= 1
-
-    def release(self, conn: UpstreamConnection) -> None:
-        """A lent connection comes back: pooled if it can serve another request."""
-        self.in_use -= 1
-        if conn.closed:
-            return
-        if len(self.idle) >= MAX_IDLE_PER_TARGET:
-            conn.close()
-            return
-        conn.idle_since = time.monotonic()
-        # a slow client may have paused its reading; idle, it must notice the target closing
-        if conn.transport is not None:
-            conn.transport.resume_reading()
-        self.idle.append(conn)
-
-    def lost(self, conn: UpstreamConnection) -> None:
-        """A connection closed: forget it if it was idle."""
-        if conn.client is None and conn in self.idle:
-            self.idle.remove(conn)
-
-    def close_idle(self, older_than: float | None = None, now: float | None = None) -> None:
-        if now is None:
-            now = time.monotonic()
-        keep: list[UpstreamConnection] = []
-        for conn in self.idle:
-            if older_than is None or now - conn.idle_since > older_than:
-                conn.close()
-            else:
-                keep.append(conn)
-        self.idle[:] = keep
-
-
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
+        self.phase = NEW
         self.transport: asyncio.Transport | None = None
+        self.gate = ReadGate()
         self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.reused = False
+        self.reused = False  # it served a request before this one
         self.idle_since = 0.0
         self.last_io = 0.0
-        # the exchange in progress
-        self.client: ClientConnection | None = None
-        self.request: Request | None = None
-        self.out: list[bytes] = []
-        self._reset_exchange()
-        self.tunnel = False
-
-    def _reset_exchange(self) -> None:
-        self.got_data = False
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
+        self.request: Request | None = None  # see Request.link
+        self.out: list[bytes] = []  # what this read gives the client, written at its end
+        # the response under way (reset by `_begin_response`)
         self.status = 0
-        self.head_sent = False
-        self.chunked_out = False
-        self.until_close = False  # the response body ends when the upstream closes
-        self.informational = False
-        self.skip_body = False
-        self.keep_alive = False  # read while parsing: httptools forgets it once a message ends
-        self.done = False
-        self.head_bytes = 0  # of the response head under way, whole lines
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0  # of the response head, whole lines
         self.unparsed = 0  # bytes read since the parser last completed something
+        self.relay = RELAY_NONE  # how the body goes to the client (headers.RELAY_*)
+        self.ends_at_close = False  # the body ends when the connection does
+        self.skip_body = False  # the parser expects a body a HEAD response never has
+        self.keep_alive = False  # read while parsing: httptools forgets it once a message ends
+
+    # -- phases ----------------------------------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        old = self.phase
+        if not old.allowed & phase.bit:
+            raise InvalidTransition(f"upstream connection: {old.name} -> {phase.name}")
+        self.phase = phase
+        if old.lent is not phase.lent:
+            if phase.lent:
+                self.pool.loan_began()
+            else:
+                self.pool.loan_ended()
+        elif old is IDLE:
+            self.pool.idle_closed(self)
+
+    def lend(self, reused: bool) -> None:
+        """The pool lends this connection (new, or idle until now)."""
+        self._enter(WAITING)
+        self.reused = reused
+
+    def rest(self) -> None:
+        """Back in the pool, idle: reading resumes whatever the last client made us pause for,
+        so that a target closing it is noticed."""
+        self._enter(IDLE)
+        self.idle_since = time.monotonic()
+        self.gate.resume(CLIENT_FULL)
+
+    @property
+    def answering(self) -> bool:
+        return self.phase is BODY or self.phase is DONE or self.phase is TUNNEL
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        self.gate.attach(self.transport)  # type: ignore[arg-type]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def begin(self, client: ClientConnection, request: Request) -> None:
-        """Lend this connection to `client` for `request` (whose head the client writes)."""
-        self.client = client
-        self.request = request
-        self.last_io = time.monotonic()
+    def expect_response(self, now: float) -> None:
+        """A request is linked (Request.link) and its head about to be sent: expect its
+        answer."""
+        self.last_io = now
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.head_bytes = self.unparsed = 0
+        self.relay = RELAY_NONE
+        self.ends_at_close = self.skip_body = self.keep_alive = False
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        if self.phase is not CLOSED:
+            self._enter(CLOSED)
             if self.transport is not None:
                 self.transport.close()
 
-    def abandon(self) -> None:
-        """The client gives up the exchange before any of the response was relayed: close the
-        connection (its request went out in part, or its answer would be nobody's)."""
-        self.pool.forget()
-        self.abort()
-
     def abort(self) -> None:
-        self.closed = True
-        self.client = None
-        self.request = None
+        if self.phase is not CLOSED:
+            self._enter(CLOSED)
         if self.transport is not None:
             self.transport.abort()
 
+    def abandon(self) -> None:
+        """The client gives the exchange up (its request went out in part, or the answer
+        would be nobody's): close the connection. The request is unlinked by the caller."""
+        self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        client = self.client
-        if client is None:
-            self.pool.lost(self)
+        phase = self.phase
+        if phase is CLOSED:
             return
-        if self.tunnel:
+        self._enter(CLOSED)
+        request = self.request
+        if request is None:
+            return  # idle (or lent, and not yet asked anything)
+        client = request.client
+        if phase is TUNNEL:
             client.tunnel_closed()
             return
-        request = self.request
-        self.client = None
-        self.request = None
-        self.pool.forget()
-        assert request is not None
-        if self.until_close and self.head_sent:
+        request.unlink()
+        if phase is BODY and self.ends_at_close:
             # a body delimited by the connection's end has just ended
-            if self.chunked_out:
-                client.transport_write(b"0\r\n\r\n")
+            if self.relay == RELAY_CHUNKED:
+                client.send(b"0\r\n\r\n", time.monotonic())
             client.response_done(request, self.status)
-        elif self.head_sent:
+        elif phase is BODY or phase is DONE:
             client.response_broken(request)
         else:
-            client.upstream_failed(request, exc, retryable=self.reused and not self.got_data)
+            retryable = self.reused and phase is WAITING
+            client.upstream_failed(request, exc, retryable=retryable)
 
     def eof_received(self) -> bool | None:
-        if self.tunnel and self.client is not None:
-            self.client.peer_eof()
+        if self.phase is TUNNEL and self.request is not None:
+            self.request.client.peer_eof()
             return True if self.pool.ssl_context is None else None  # TLS has no half-close
         return None
+
+    # -- what the client leg asks (exchange.UpstreamSide) -------------------------------------
+
+    def send(self, data: bytes, now: float) -> None:
+        transport = self.transport
+        if transport is not None and self.phase is not CLOSED:
+            transport.write(data)
+            self.last_io = now  # writing counts for --proxy-timeout too
+
+    def send_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and self.phase is not CLOSED:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                self.close()  # TLS has no half-close
+
+    def client_full(self) -> None:
+        self.gate.pause(CLIENT_FULL)
+
+    def client_drained(self) -> None:
+        self.gate.resume(CLIENT_FULL)
 
     # -- flow control ----------------------------------------------------------------------------
 
     def pause_writing(self) -> None:
-        if self.client is not None:
-            self.client.pause_reading_for_upstream()
+        if self.request is not None:
+            self.request.client.upstream_full()
 
     def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.resume_reading_for_upstream()
+        if self.request is not None:
+            self.request.client.upstream_drained()
 
     # -- reading the response --------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        client = self.client
-        if client is None:  # an idle connection has nothing to say; don't trust it again
+        request = self.request
+        if request is None:  # an idle connection has nothing to say; don't trust it again
             self.close()
             return
         # reading here and writing to the client both count against the inactivity timeouts
-        self.last_io = client.last_io = time.monotonic()
-        if self.tunnel:
-            client.transport_write(data)
+        self.last_io = now = time.monotonic()
+        client = request.client
+        phase = self.phase
+        if phase is TUNNEL:
+            client.send(data, now)
             return
-        self.got_data = True
+        if phase is WAITING:
+            self._enter(HEAD)
         self.unparsed += len(data)  # reset by the callbacks that show progress
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._flush(client)
-            if self.status == 101:
-                self._become_tunnel(client, data[upgrade.args[0] :])
+            self._flush(now)
+            if self.phase is TUNNEL:
+                self._open_tunnel(request, data[upgrade.args[0] :], now)
             return
         except httptools.HttpParserError as e:
-            self._flush(client)
-            if self.done:
+            self._flush(now)
+            if self.phase is DONE:
                 # the response is whole; what followed it is not ours to relay, and the
                 # connection cannot be trusted with another request
                 self.keep_alive = False
-                self._complete(client)
+                self._complete(request)
                 return
             bad = e.__context__
-            self._protocol_error(client, bad if isinstance(bad, BadResponse) else e)
+            self._protocol_error(request, bad if isinstance(bad, BadResponse) else e)
             return
-        self._flush(client)
-        if self.done:
-            self._complete(client)
+        self._flush(now)
+        if self.phase is DONE:
+            self._complete(request)
         elif self.unparsed > self.pool.max_head:
             self._protocol_error(
-                client, BadResponse(f"{self.unparsed} bytes of an unfinished response head")
+                request, BadResponse(f"{self.unparsed} bytes of an unfinished response head")
             )
 
-    def _flush(self, client: ClientConnection) -> None:
+    def _flush(self, now: float) -> None:
         out = self.out
-        if out:
-            client.transport_writelines(out)
+        if out and self.request is not None:
+            self.request.client.send_parts(out, now)
             out.clear()
 
-    def _protocol_error(self, client: ClientConnection, exc: Exception) -> None:
-        request = self.request
-        self.client = None
-        self.request = None
-        self.pool.forget()
+    def _protocol_error(self, request: Request, exc: Exception) -> None:
+        answering = self.answering
+        request.unlink()
         self.abort()
-        assert request is not None
-        if self.head_sent:
-            client.response_broken(request)
+        if answering:
+            request.client.response_broken(request)
         else:
-            client.upstream_failed(request, exc, retryable=False, detail=f"bad response: {exc}")
+            request.client.upstream_failed(
+                request, exc, retryable=False, detail=f"bad response: {exc}"
+            )
 
-    def _complete(self, client: ClientConnection) -> None:
-        request = self.request
-        assert request is not None
+    def _complete(self, request: Request) -> None:
+        # a refused upgrade closes both sides: the client may have sent tunnel bytes already
         reusable = (
-            not self.until_close
-            and request.complete
-            and request.pending is None
-            and self.keep_alive
+            not self.ends_at_close and request.complete and self.keep_alive and not request.upgrade
         )
         if self.skip_body:
             # the parser still waits for the body a HEAD response never has: start afresh
             self.parser = httptools.HttpResponseParser(self)
-        status = self.status
-        self.client = None
-        self.request = None
-        self._reset_exchange()
+        request.unlink()
         if reusable:
             self.pool.release(self)
         else:
-            self.pool.forget()
             self.close()
-        client.response_done(request, status)
+        request.client.response_done(request, self.status)
 
     # httptools callbacks
 
@@ -349,7 +340,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_sent:
+        if self.phase is not HEAD:
             return  # a trailer: dropped (its bytes are bounded by `unparsed`)
         headers = self.headers
         headers.append((name, value))
@@ -360,147 +351,94 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def on_headers_complete(self) -> None:
-        if self.done:  # a second response to one request
+        if self.phase is not HEAD:  # a second response to one request
             raise BadResponse("more than one response to one request")
         self.unparsed = 0
-        status = self.parser.get_status_code()
-        self.status = status
-        client = self.client
+        self.status = status = self.parser.get_status_code()
         request = self.request
-        assert client is not None and request is not None
+        assert request is not None
         if status < 100:  # llhttp reads any three digits
             raise BadResponse(f"status {status}")
         if status < 200 and status != 101:
-            # 100 Continue and friends: relay them (not to HTTP/1.0, which has none: RFC 9110
-            # §15.2), then wait for the final response
-            self.informational = True
-            if request.http11:
-                headers, _ = filter_response_headers(self.headers)
-                self.out.append(_head(status, self.reason, headers, b""))
-            self.headers = []
-            self.reason = b""
-            self.head_bytes = 0
-            return
-        if status == 101:
-            if not request.websocket:
-                # a tunnel the client never asked for would carry its next requests (and
-                # their cookies) to this target
-                raise BadResponse("101 Switching Protocols to a request that asked for none")
-            if not any(
-                n.lower() == b"upgrade" and v.strip().lower() == b"websocket"
-                for n, v in self.headers
-            ):
-                raise BadResponse("101 Switching Protocols without Upgrade: websocket")
-            self.out.append(_head(status, self.reason, self.headers, b""))
-            self.head_sent = True
-            return
-        self.head_sent = True
-        headers, length = filter_response_headers(self.headers)
-        rules = client.service
-        if rules.rewrite_locations and status in _REWRITE_STATUSES:
-            headers = self._rewrite_locations(headers, client, request)
-        no_body = request.head or status in (204, 304)
-        if no_body:
-            framing = b""
-            if request.head and (length is None or length != b"0"):
-                self.skip_body = True
-                # llhttp expects a body (until EOF without a length) and says "not keep-alive";
-                # a HEAD response has none, so judge by version and Connection alone
-                self.keep_alive = self.parser.get_http_version() == "1.1" and not any(
-                    n.lower() == b"connection" and b"close" in v.lower() for n, v in self.headers
-                )
-                self.done = True
-        elif length is not None:
-            framing = b""
-        elif request.http11:
-            framing = b"Transfer-Encoding: chunked\r\n"
-            self.chunked_out = True
+            self._informational(request, status)
+        elif status == 101:
+            self._switching_protocols(request)
         else:
-            framing = b""
-            request.keep_alive = False
-        if not no_body and length is None and not _is_chunked(self.headers):
-            self.until_close = True
-        if request.websocket:  # a refused upgrade: relay the answer, then close both sides
-            request.keep_alive = False
-        self.out.append(
-            _head(status, self.reason, headers, framing + client.connection_header(request))
-        )
-        client.count_response(status)
+            self._final_head(request, status)
 
-    def _rewrite_locations(self, headers, client, request):  # type: ignore[no-untyped-def]
-        service = client.service
-        host = request.host
-        return [
-            (
-                name,
-                rewrite_location(
-                    value, self.pool.target, host, service.auto_rewrite, service.protocol_rewrite
-                )
-                if name.lower() == b"location"
-                else value,
-            )
-            for name, value in headers
-        ]
+    def _informational(self, request: Request, status: int) -> None:
+        """100 Continue and friends: relayed (not to HTTP/1.0, which has none: RFC 9110
+        §15.2); the final response follows."""
+        if request.http11:
+            headers, _ = filter_response_headers(self.headers)
+            self.out.append(response_head(status_line(status, self.reason), headers, b""))
+        self.headers = []
+        self.reason = b""
+        self.head_bytes = 0
+
+    def _switching_protocols(self, request: Request) -> None:
+        if not request.websocket:
+            # a tunnel the client never asked for would carry its next requests (and their
+            # cookies) to this target
+            raise BadResponse("101 Switching Protocols to a request that asked for none")
+        if not upgrades_to_websocket(self.headers):
+            raise BadResponse("101 Switching Protocols without Upgrade: websocket")
+        self.out.append(response_head(status_line(101, self.reason), self.headers, b""))
+        self._enter(TUNNEL)
+
+    def _final_head(self, request: Request, status: int) -> None:
+        self._enter(BODY)
+        headers, length = filter_response_headers(self.headers)
+        rewrite = self.pool.rewrite
+        if rewrite is not None and status in REWRITE_STATUSES:
+            headers = rewrite_locations(headers, rewrite, self.pool.target, request.host)
+        framing = response_framing(
+            status, self.headers, length, request.head, request.http11, request.websocket
+        )
+        self.relay = framing.relay
+        self.ends_at_close = framing.ends_at_close
+        client = request.client
+        extra = client.connection_header(request, framing.keep_client)
+        if framing.relay == RELAY_CHUNKED:
+            extra = b"Transfer-Encoding: chunked\r\n" + extra
+        self.out.append(response_head(status_line(status, self.reason), headers, extra))
+        client.count_response(status)
+        if framing.skip_body:
+            # llhttp expects a body (until EOF without a length) and says "not keep-alive"; a
+            # HEAD response has none, so it ends here, judged by version and Connection alone
+            self.skip_body = True
+            self.keep_alive = keep_alive(self.parser.get_http_version() == "1.1", self.headers)
+            self._enter(DONE)
 
     def on_body(self, body: bytes) -> None:
         self.unparsed = 0
-        if self.skip_body:
-            # bytes after a HEAD response's head: more than its response; never reuse it
-            self.keep_alive = False
-            return
-        if self.informational:
-            return
-        if self.chunked_out:
+        phase = self.phase
+        if phase is not BODY:
+            if phase is DONE:
+                # bytes after a HEAD response's head: more than its response; never reuse it
+                self.keep_alive = False
+            return  # (a 1xx has no body to relay)
+        if self.relay == RELAY_CHUNKED:
             self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
             self.out.append(body)
 
     def on_message_complete(self) -> None:
         self.unparsed = 0
-        if self.informational:
-            self.informational = False
-            self.head_sent = False
-            return
-        if self.chunked_out and not self.skip_body:
+        if self.phase is not BODY:
+            return  # a 1xx ended (its final response follows), or a HEAD's skipped body
+        if self.relay == RELAY_CHUNKED:
             self.out.append(b"0\r\n\r\n")
-        self.until_close = False
+        self.ends_at_close = False
         self.keep_alive = self.parser.should_keep_alive()
-        self.done = True
+        self._enter(DONE)
 
     # -- tunnel (after 101) ----------------------------------------------------------------------
 
-    def _become_tunnel(self, client: ClientConnection, rest: bytes) -> None:
-        self.tunnel = True
-        self.pool.forget()  # never returns to the pool
+    def _open_tunnel(self, request: Request, rest: bytes, now: float) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        client.become_tunnel(self)
+        request.client.tunnel_opened(request)
         if rest:
-            client.transport_write(rest)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def write_eof(self) -> None:
-        if self.transport is not None and not self.closed:
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            else:
-                self.close()  # TLS has no half-close
-
-
-def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether the body is chunked: the last coding of the last Transfer-Encoding is `chunked`
-    (with any other last coding the body ends when the connection does, RFC 9112 §6.3)."""
-    codings = [v for n, v in headers if n.lower() == b"transfer-encoding"]
-    return bool(codings) and codings[-1].rpartition(b",")[2].strip().lower() == b"chunked"
-
-
-def _head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], extra: bytes) -> bytes:
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (extra, b"\r\n")
-    return b"".join(parts)
+            request.client.send(rest, now)

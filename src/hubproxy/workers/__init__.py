@@ -6,7 +6,7 @@ API, the metrics and redirect listeners, activity flushing, the pid file and the
 binds the public listener N times with SO_REUSEPORT (a Unix socket listener: once, shared), so
 the kernel spreads new connections over N accept queues, and starts N *worker* processes
 (`python -m hubproxy.workers.child`), each serving one of those sockets with an ordinary
-`DataPlane` and a `RouteTable` of its own. The primary keeps the listening sockets open, so the
+`ProxyService` and a `RouteTable` of its own. The primary keeps the listening sockets open, so the
 connections queued for a worker that dies wait for its replacement instead of being refused.
 
 Each worker is joined to the primary by a socketpair (`channel.Channel`). Primary to worker:

@@ -17,9 +17,9 @@ from typing import Any
 
 from hubproxy import __version__
 from hubproxy.config import Config
-from hubproxy.dataplane import DataPlane
 from hubproxy.eventloop import log_uncaught, loop_factory
 from hubproxy.logs import setup_logging
+from hubproxy.proxy import ProxyService
 from hubproxy.routing import RouteTable
 from hubproxy.tls import CertificateWatcher, TLSError
 from hubproxy.tls import build as build_tls
@@ -28,8 +28,7 @@ from hubproxy.workers.channel import Channel, ChannelClosed
 log = logging.getLogger("hubproxy")
 
 
-def gauges(plane: DataPlane) -> dict[str, int]:
-    proxy = plane.proxy
+def gauges(proxy: ProxyService) -> dict[str, int]:
     clients, tunnels = proxy.connection_counts()
     in_use, idle = proxy.upstream_connections()
     received, sent = proxy.client_bytes()
@@ -80,7 +79,7 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
     if not apply(table, await channel.receive()):
         log.error("Worker %d: no route table from the main process", index)
         return 1
-    plane = DataPlane(config, table, tls)
+    plane = ProxyService(config, table, tls)
     sides = [side for side in (tls.public, tls.client) if side is not None]
     watcher = CertificateWatcher(sides) if sides else None
     if watcher is not None:
@@ -97,12 +96,12 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
                 channel.send("reply", message[1], None)
             elif message[0] == "poll":
                 if message[2]:
-                    plane.proxy.start_timing()
+                    plane.start_timing()
                 marks = table.take_activity()
-                payload = (marks, plane.proxy.stats.counters(), gauges(plane))
+                payload = (marks, plane.stats.counters(), gauges(plane))
                 channel.send("reply", message[1], payload)
 
-    await plane.start(listening)
+    await plane.serve(listening)
     channel.send("ready")
     following = loop.create_task(follow())
     stopping = loop.create_task(stop.wait())
@@ -119,9 +118,7 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
     await plane.stop(config.drain_seconds)  # as the single process; the primary waits
     if not orphaned:
         with contextlib.suppress(ChannelClosed):
-            channel.send(
-                "final", table.take_activity(), plane.proxy.stats.counters(), gauges(plane)
-            )
+            channel.send("final", table.take_activity(), plane.stats.counters(), gauges(plane))
             await channel.drain()
     channel.close()
     return 0

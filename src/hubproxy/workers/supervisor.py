@@ -75,7 +75,7 @@ class _Worker:
 
 class WorkerSet:
     """The workers, their route feed (a store `ChangeListener`) and their numbers (a
-    `metrics.DataPlaneView`)."""
+    `metrics.ProxyServiceView`)."""
 
     def __init__(
         self, config: Config, table: RouteTable, count: int, sockets: list[socket.socket]
@@ -387,7 +387,7 @@ class WorkerSet:
                 stats.add(worker.counters)
         self._stats = stats
 
-    # -- metrics.DataPlaneView --------------------------------------------------------------------
+    # -- metrics.ProxyServiceView ----------------------------------------------------------------
 
     @property
     def stats(self) -> ProxyStats:
