@@ -279,12 +279,11 @@ async def serve(config: Config) -> int:
             default_route.cancel()
         await flusher.stop()
         await store.close()
-        for bound in (*publics, api, redirect, metrics_bound):
-            if bound is None:
-                continue
-            bound.sock.close()
-            remove_unix_socket(bound)
-        if pid_written:
+        for listener in (*publics, api, redirect, metrics_bound):
+            if listener is not None:
+                listener.sock.close()
+                remove_unix_socket(listener)
+        if pid_written and config.pid_file:
             log.debug("Removing %s", config.pid_file)
             with contextlib.suppress(OSError):
                 os.unlink(config.pid_file)

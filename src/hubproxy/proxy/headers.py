@@ -62,9 +62,13 @@ class ForwardRules:
         self.custom = b"".join(n + b": " + v + b"\r\n" for n, v in custom.values())
         special = dict(_SPECIAL_REQUEST)
         if not self.x_forward:  # X-Forwarded-* pass through untouched
-            for name in (b"x-forwarded-for", b"x-forwarded-port", b"x-forwarded-proto"):
-                del special[name]
-            del special[b"x-forwarded-host"]
+            for forwarded in (
+                b"x-forwarded-for",
+                b"x-forwarded-port",
+                b"x-forwarded-proto",
+                b"x-forwarded-host",
+            ):
+                del special[forwarded]
         for lowered in custom:  # custom headers replace the client's, whatever their case
             special[lowered] = _DROP
         # the client's Host is still read (RFC 9112 §3.2: exactly one, or a 400), even when a

@@ -37,7 +37,7 @@ def describe_error(exc: BaseException | None, target: Target) -> str:
         isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
     ):
         return f"connect {errno.errorcode.get(exc.errno or 0, 'ECONNREFUSED')} {where}"
-    if isinstance(exc, OSError) and exc.errno in errno.errorcode:
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
         return f"{errno.errorcode[exc.errno]} {where}: {exc.strerror}"
     if exc is None:
         return "socket hang up"
