@@ -890,3 +890,30 @@ async def test_watcher_settles_and_does_not_retry_a_broken_file(tmp_path: Path) 
         assert builds == ["v1", "v2", "broken", "v3", "v3"]
     finally:
         await watcher.stop()
+
+
+def test_client_eof_on_a_tunnel_to_an_https_target_ends_both_legs(
+    pki: PKI,
+    start_proxy: Callable[..., Proxy],
+    start_tls_backend: Callable[..., TLSBackend],
+) -> None:
+    """A plain client half-closes a WebSocket tunnel whose target speaks TLS (which has no
+    half-close): the proxy closes the target's leg and then the client's too, rather than
+    leaving the client's connection open for good."""
+    backend = start_tls_backend(tls_server_context(pki.backend), ws_app())
+    proxy = start_proxy("--insecure", "--default-target", backend.url)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: example.org\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        seen = b""
+        while b"connected" not in seen:
+            chunk = sock.recv(4096)
+            assert chunk, seen
+            seen += chunk
+        assert seen.startswith(b"HTTP/1.1 101 ")
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(4096):  # the end, not the 10 s timeout (socket.timeout)
+            pass

@@ -178,15 +178,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.phase is not CLOSED:
+            phase = self.phase
             self._enter(CLOSED)
             if self.transport is not None:
                 self.transport.close()
+            self._tunnel_ended(phase)
 
     def abort(self) -> None:
-        if self.phase is not CLOSED:
+        phase = self.phase
+        if phase is not CLOSED:
             self._enter(CLOSED)
         if self.transport is not None:
             self.transport.abort()
+        self._tunnel_ended(phase)
+
+    def _tunnel_ended(self, phase: Phase) -> None:
+        """A tunnel this side closed (the client's EOF over TLS, a timeout) ends the client's
+        side too: connection_lost, which tells it otherwise, returns early once CLOSED."""
+        if phase is TUNNEL and self.request is not None:
+            self.request.client.tunnel_closed()
 
     def abandon(self) -> None:
         """The client gives the exchange up (its request went out in part, or the answer
@@ -203,7 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             return  # idle (or lent, and not yet asked anything)
         client = request.client
         if phase is TUNNEL:
-            client.tunnel_closed()
+            self._tunnel_ended(phase)
             return
         request.unlink()
         if phase is BODY and self.ends_at_close:
