@@ -56,10 +56,12 @@ def _reason(exc: HttpProcessingError) -> str:
 
 async def start_site(
     runner: web.BaseRunner, sock: socket.socket, ssl_context: ssl.SSLContext | None = None
-) -> None:
+) -> web.SockSite:
     """Serve `runner` on the bound socket `sock`.
 
     Starting a server listens again, with the server's own backlog (aiohttp's 128), which would
     replace the one `listen.py` set; so it is given ours again here.
     """
-    await web.SockSite(runner, sock, ssl_context=ssl_context, backlog=BACKLOG).start()
+    site = web.SockSite(runner, sock, ssl_context=ssl_context, backlog=BACKLOG)
+    await site.start()
+    return site

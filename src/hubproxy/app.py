@@ -7,16 +7,32 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
+from hubproxy import __version__
 from hubproxy.activity import ActivityFlusher
 from hubproxy.aioweb import start_site
 from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
 from hubproxy.dashboard import dashboard_pages
 from hubproxy.eventloop import log_uncaught, loop_factory
+from hubproxy.handover import (
+    ENV_INTERIM,
+    TAKER_START_SECONDS,
+    Giver,
+    HandoverError,
+    Pair,
+    adopt_listeners,
+    execute_in_place,
+    start_taker,
+)
+from hubproxy.inherit import InheritError, describe, from_systemd
 from hubproxy.listen import (
     Bound,
     ListenError,
@@ -30,6 +46,7 @@ from hubproxy.proxy import ProxyService
 from hubproxy.redirect import start_redirect
 from hubproxy.routing import RouteTable
 from hubproxy.store import RouteStore, StoreSpecError, StoreUnavailable, open_store
+from hubproxy.store.memory import MemoryStore
 from hubproxy.tls import CertificateWatcher, TLSError, ineffective_options
 from hubproxy.tls import build as build_tls
 from hubproxy.workers.supervisor import SyncedStore, WorkerSet, WorkerStartError
@@ -38,15 +55,60 @@ log = logging.getLogger("hubproxy")
 
 
 def run(config: Config) -> int:
-    """Run the proxy until SIGTERM or SIGINT; the process's exit code."""
+    """Run the proxy until SIGTERM or SIGINT (or, after SIGUSR2, until it has handed over to
+    the hubproxy installed now, which then runs in this process); the process's exit code."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(serve(config))
+        result = runner.run(serve(config))
+    if isinstance(result, Reexec):
+        logging.shutdown()  # the log lines written so far, before the image is replaced
+        try:
+            execute_in_place(result.pair, sys.argv[1:])
+        except OSError as e:
+            log.error("Cannot execute %s: %s; the interim process serves on", sys.executable, e)
+            return 1
+    assert isinstance(result, int)
+    return result
 
 
-def _bind(config: Config) -> tuple[list[Bound], Bound, Bound | None, Bound | None]:
+@dataclass(frozen=True, slots=True)
+class Reexec:
+    """serve()'s outcome once it has handed over to an interim process: execute the new
+    hubproxy in place, which takes everything back over `pair`."""
+
+    pair: Pair
+
+
+@dataclass(frozen=True, slots=True)
+class Listeners:
+    publics: list[Bound]  # several with --workers N (one per worker, sharing the port)
+    api: Bound
+    redirect: Bound | None
+    metrics: Bound | None
+
+    def named(self) -> list[tuple[str, socket.socket]]:
+        pairs = [("public", b.sock) for b in self.publics]
+        pairs.append(("api", self.api.sock))
+        for name, bound in (("redirect", self.redirect), ("metrics", self.metrics)):
+            if bound is not None:
+                pairs.append((name, bound.sock))
+        return pairs
+
+    def close(self, remove_files: bool) -> None:
+        for listener in (*self.publics, self.api, self.redirect, self.metrics):
+            if listener is not None:
+                listener.sock.close()
+                if remove_files:
+                    remove_unix_socket(listener)
+
+
+def _bind(config: Config, inherited: dict[str, socket.socket]) -> Listeners:
     """The public listener (with --workers N over TCP: N sockets sharing the port), the API's,
-    the redirect's and the metrics' listeners."""
-    if config.socket:
+    the redirect's and the metrics' listeners; those systemd passed (`inherited`) are used
+    instead of bound."""
+    given = {name: Bound.inherited(sock, owns_path=False) for name, sock in inherited.items()}
+    if "public" in given:
+        publics = [given["public"]]
+    elif config.socket:
         publics = [bind_unix(config.socket, "proxy")]
     elif config.workers > 1:
         publics = bind_tcp_group(config.ip, config.port, "proxy", config.workers)
@@ -54,24 +116,42 @@ def _bind(config: Config) -> tuple[list[Bound], Bound, Bound | None, Bound | Non
         publics = [bind_tcp(config.ip, config.port, "proxy")]
     bound = list(publics)
     try:
-        if config.api_socket:
+        if "api" in given:
+            api = given["api"]
+        elif config.api_socket:
             api = bind_unix(config.api_socket, "API")
         else:
             api = bind_tcp(config.api_ip, config.effective_api_port, "API")
         bound.append(api)
-        redirect = None
-        if _wants_redirect(config):
+        redirect = given.get("redirect")
+        if redirect is None and _wants_redirect(config):
             assert config.redirect_port is not None
             # all interfaces, whatever --ip says, as CHP (spec §3.13)
             redirect = bind_tcp(None, config.redirect_port, "redirect")
+        if redirect is not None:
             bound.append(redirect)
-        metrics = _bind_metrics(config)
+        metrics = given.get("metrics") or _bind_metrics(config)
     except ListenError:
         for b in bound:
             b.sock.close()
             remove_unix_socket(b)
         raise
-    return publics, api, redirect, metrics
+    return Listeners(publics, api, redirect, metrics)
+
+
+def _adopt(pairs: list[tuple[str, socket.socket]]) -> Listeners:
+    """The listeners the process we take over from sent (their socket files become ours)."""
+    by_name: dict[str, list[Bound]] = {}
+    for name, sock in pairs:
+        by_name.setdefault(name, []).append(Bound.inherited(sock, owns_path=True))
+    if not by_name.get("public") or len(by_name.get("api", ())) != 1:
+        raise HandoverError(f"listeners {sorted(by_name)}: a public and an API one expected")
+    return Listeners(
+        by_name["public"],
+        by_name["api"][0],
+        by_name.get("redirect", [None])[0],
+        by_name.get("metrics", [None])[0],
+    )
 
 
 def _bind_metrics(config: Config) -> Bound | None:
@@ -123,7 +203,7 @@ def _reload(watcher: CertificateWatcher | None, workers: WorkerSet | None) -> No
         workers.reload_tls()
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config) -> int | Reexec:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stop_reason: list[str] = []
@@ -135,6 +215,15 @@ async def serve(config: Config) -> int:
     loop.set_exception_handler(log_uncaught)
     loop.add_signal_handler(signal.SIGTERM, request_stop, "Terminated")
     loop.add_signal_handler(signal.SIGINT, request_stop, "Interrupted")
+    # (its default would end the process: an upgrade asked for too early is only refused)
+    loop.add_signal_handler(signal.SIGUSR2, log.warning, "SIGUSR2 while starting: ignored")
+
+    try:
+        taking_over = Pair.from_environment()  # we were started to take over (handover.py)
+    except HandoverError as e:
+        log.error("%s", e)
+        return 1
+    interim = os.environ.pop(ENV_INTERIM, None) is not None
 
     if config.auto_rewrite:
         log.info("AutoRewrite of Location headers enabled.")
@@ -166,12 +255,34 @@ async def serve(config: Config) -> int:
     store.watch(table)
     flusher = ActivityFlusher(table, store)
 
+    giver_pid: int | None = None
     try:
-        publics, api, redirect, metrics_bound = _bind(config)
-    except ListenError as e:
+        if taking_over is not None:
+            # the giver pauses its API until we serve ours: everything else is built first
+            await taking_over.send({"ask": __version__})
+            message, fds = await taking_over.receive(TAKER_START_SECONDS)
+            listeners = _adopt(adopt_listeners(list(message.get("listeners", ())), fds))
+            giver_pid = message.get("pid")
+            routes = message.get("routes")
+            if isinstance(routes, dict) and isinstance(store, MemoryStore):
+                for key, data in routes.items():
+                    await store.add(key, data)
+            log.info("Taking over from pid %s: %s", giver_pid, describe(dict(listeners.named())))
+        else:
+            inherited = from_systemd()
+            if inherited:
+                log.info("Listening on sockets from systemd: %s", describe(inherited))
+            listeners = _bind(config, inherited)
+    except (ListenError, InheritError, HandoverError) as e:
         log.error("%s", e)
         await store.close()
         return 1
+    publics, api, redirect, metrics_bound = (
+        listeners.publics,
+        listeners.api,
+        listeners.redirect,
+        listeners.metrics,
+    )
     public = publics[0]
 
     # the data plane: in this process, or in worker processes fed by this one
@@ -195,12 +306,91 @@ async def serve(config: Config) -> int:
     metrics = Metrics(view, api_stats, flusher, workers.collector() if workers else None)
     api_app = create_api_app(config, api_store, flusher, api_stats, dashboard_pages(metrics))
     api_runner = web.AppRunner(api_app, handle_signals=False)
+    api_ssl = tls.api.listening if tls.api else None
+    api_sites: list[web.SockSite] = []
     metrics_runner: web.AppRunner | None = None
+    metrics_sites: list[web.SockSite] = []
     redirect_runner: web.BaseRunner | None = None
     pid_written = False
     default_route: asyncio.Task[None] | None = None
+    handed_over: Reexec | None = None  # to an interim process: execute the new one in place
+    gave_away = False  # the listeners (and their socket files) belong to another process now
+    took_over = False  # a taker owns the listeners' socket files once it serves
+    upgrade: asyncio.Task[None] | None = None
+    aftercare: set[asyncio.Task[None]] = set()  # giving back (interim), reaping (the exec'd)
+
+    async def open_api() -> None:
+        # a duplicate of the listening socket: stopping the site (a hand-over) closes it, and
+        # the original stays ours to pass on, or to serve again if the hand-over fails
+        api_sites.append(await start_site(api_runner, api.sock.dup(), api_ssl))
+        if metrics_runner is not None and metrics_bound is not None:
+            metrics_sites.append(await start_site(metrics_runner, metrics_bound.sock.dup()))
+
+    async def pause_api() -> None:
+        """New API requests wait in the listening socket's queue for the taker; those under
+        way are answered first, so that every change is in the routes we send."""
+        for site in (*api_sites, *metrics_sites):
+            await site.stop()
+        api_sites.clear()
+        metrics_sites.clear()
+        assert api_runner.server is not None
+        await api_runner.server.shutdown(5.0)
+        await flusher.flush()
+
+    async def routes_to_send() -> dict[str, Any] | None:
+        # other stores keep the routes (and the activity just flushed) for the taker
+        return await store.get_all() if isinstance(store, MemoryStore) else None
+
+    def giver(pair: Pair) -> Giver:
+        return Giver(pair, listeners.named(), pause_api, open_api, routes_to_send)
+
+    async def hand_over() -> None:
+        """SIGUSR2: hand over to an interim process, then (run()) execute the new hubproxy in
+        place, which takes everything back."""
+        nonlocal handed_over, gave_away
+        log.info("Upgrading: starting %s -m hubproxy to hand over to", sys.executable)
+        proc: asyncio.subprocess.Process | None = None
+        pair: Pair | None = None
+        try:
+            proc, pair = await start_taker(sys.argv[1:])
+            pid = await giver(pair).give(proc)
+        except HandoverError as e:
+            log.error("Upgrade failed, serving on: %s", e)
+            if pair is not None:
+                pair.close()
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            return
+        log.info("Pid %d serves; draining, then executing the new hubproxy in place", pid)
+        handed_over = Reexec(pair)
+        gave_away = True
+        request_stop("Handed over for an upgrade")
+
+    async def give_back(pair: Pair) -> None:
+        """The interim process: the tracked pid, now the new hubproxy, takes everything back."""
+        nonlocal gave_away
+        try:
+            pid = await giver(pair).give()
+        except HandoverError as e:
+            log.warning("Hand-over back did not happen (%s): serving on as pid %d", e, os.getpid())
+            pair.close()
+            return
+        pair.close()
+        log.info("Pid %d serves again; draining", pid)
+        gave_away = True
+        request_stop("Handed back")
+
+    def on_sigusr2() -> None:
+        nonlocal upgrade
+        if interim or (upgrade is not None and not upgrade.done()) or stop.is_set():
+            log.warning("SIGUSR2: an upgrade is under way already")
+            return
+        upgrade = loop.create_task(hand_over())
+
     try:
-        if config.default_target:
+        if config.default_target and taking_over is None:
             try:
                 await _add_default_route(store, config.default_target)
             except StoreUnavailable as e:
@@ -217,12 +407,10 @@ async def serve(config: Config) -> int:
             assert plane is not None
             await plane.serve(public.sock)
         await api_runner.setup()
-        api_ssl = tls.api.listening if tls.api else None
-        await start_site(api_runner, api.sock, api_ssl)
         if metrics_bound is not None:
             metrics_runner = web.AppRunner(create_metrics_app(metrics), handle_signals=False)
             await metrics_runner.setup()
-            await start_site(metrics_runner, metrics_bound.sock)
+        await open_api()
         redirect_to = None
         if redirect is not None:
             redirect_to = config.redirect_to or public.port
@@ -233,6 +421,7 @@ async def serve(config: Config) -> int:
             loop.add_signal_handler(signal.SIGHUP, _reload, watcher, workers)
         if watcher is not None:
             watcher.start()
+        loop.add_signal_handler(signal.SIGUSR2, on_sigusr2)
 
         public_url = public.url("https" if tls.public else "http")
         log.info("Proxying %s to %s", public_url, config.default_target or "(no default)")
@@ -243,7 +432,7 @@ async def serve(config: Config) -> int:
             log.info("Serve metrics at %s/metrics", metrics_bound.url("http"))
         if redirect is not None:
             log.info("Added HTTP to HTTPS redirection from %s to %s", redirect.port, redirect_to)
-        if config.pid_file:
+        if config.pid_file and not interim:
             try:
                 with open(config.pid_file, "w") as f:
                     f.write(str(os.getpid()))
@@ -254,9 +443,22 @@ async def serve(config: Config) -> int:
             # logged once written (CHP logs first), so the line tells a reader the file is there
             log.info("Writing pid %s to %s", os.getpid(), config.pid_file)
 
+        if taking_over is not None:
+            await taking_over.send({"serving": os.getpid()})
+            took_over = True
+            if interim:
+                aftercare.add(loop.create_task(give_back(taking_over)))
+            else:
+                taking_over.close()
+                if isinstance(giver_pid, int):
+                    aftercare.add(loop.create_task(_reap(giver_pid)))
+
         await stop.wait()
         log.warning("%s", stop_reason[0])
     finally:
+        loop.remove_signal_handler(signal.SIGUSR2)
+        if upgrade is not None and not upgrade.done():
+            upgrade.cancel()
         if plane is not None:
             plane.stop_accepting()
         if tls.sides:
@@ -267,9 +469,9 @@ async def serve(config: Config) -> int:
             # refuse new connections at once, as one process does: the workers close theirs
             for bound in publics:
                 bound.sock.close()
-            await workers.stop(config.drain_seconds)
+            await workers.stop(config.drain_seconds, handing_over=gave_away)
         if plane is not None:
-            await plane.stop(config.drain_seconds)
+            await plane.stop(config.drain_seconds, tunnels=gave_away)
         await api_runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
@@ -279,12 +481,15 @@ async def serve(config: Config) -> int:
             default_route.cancel()
         await flusher.stop()
         await store.close()
-        for listener in (*publics, api, redirect, metrics_bound):
-            if listener is not None:
-                listener.sock.close()
-                remove_unix_socket(listener)
-        if pid_written and config.pid_file:
+        listeners.close(remove_files=not gave_away and (taking_over is None or took_over))
+        if pid_written and config.pid_file and handed_over is None:
             log.debug("Removing %s", config.pid_file)
             with contextlib.suppress(OSError):
                 os.unlink(config.pid_file)
-    return 0
+    return handed_over if handed_over is not None else 0
+
+
+async def _reap(pid: int) -> None:
+    """The interim process was our child before the exec: collect its exit."""
+    with contextlib.suppress(ChildProcessError):
+        await asyncio.to_thread(os.waitpid, pid, 0)

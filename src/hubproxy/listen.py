@@ -28,6 +28,17 @@ class ListenError(Exception):
 class Bound:
     sock: socket.socket
     unix_path: str | None = None
+    owns_path: bool = True  # the socket file is ours to remove when we stop for good
+
+    @classmethod
+    def inherited(cls, sock: socket.socket, owns_path: bool) -> Bound:
+        """A listening socket opened by another process (systemd's, which keeps its socket
+        files; or the hubproxy we take over from, whose files become ours)."""
+        if sock.family == socket.AF_UNIX:
+            path = sock.getsockname()
+            path = path.decode() if isinstance(path, bytes) else path
+            return cls(sock, unix_path=path or None, owns_path=owns_path)
+        return cls(sock)
 
     def url(self, scheme: str = "http") -> str:
         """Where clients reach this listener (with the OS-assigned port filled in)."""
@@ -155,6 +166,6 @@ def _unix_socket_in_use(path: str) -> bool:
 
 
 def remove_unix_socket(bound: Bound) -> None:
-    if bound.unix_path is not None:
+    if bound.unix_path is not None and bound.owns_path:
         with contextlib.suppress(OSError):
             os.unlink(bound.unix_path)

@@ -103,10 +103,12 @@ class ProxyService:
         if self._server is not None:
             self._server.close()  # connections carry on while they drain
 
-    async def stop(self, drain_seconds: float) -> None:
-        """Stop accepting, let in-flight requests finish (up to `drain_seconds`), close all."""
+    async def stop(self, drain_seconds: float, tunnels: bool = False) -> None:
+        """Stop accepting, let in-flight requests finish (up to `drain_seconds`), close all.
+        With `tunnels`, open WebSockets are waited for too (a hand-over: a successor serves
+        new connections meanwhile, so nobody waits on us)."""
         self.stop_accepting()
-        await self.drain(drain_seconds)
+        await self.drain(drain_seconds, tunnels)
         if self._access_writer is not None:
             self._access_writer.flush()
 
@@ -236,14 +238,15 @@ class ProxyService:
 
     # -- stopping ---------------------------------------------------------------------------------
 
-    async def drain(self, seconds: float) -> None:
-        """Let in-flight requests finish (up to `seconds`), then close everything."""
+    async def drain(self, seconds: float, tunnels: bool = False) -> None:
+        """Let in-flight requests (and, with `tunnels`, WebSockets) finish (up to `seconds`),
+        then close everything."""
         self.draining = True
         for conn in list(self.connections):
             if conn.active is None and not conn.tunnel:
                 conn.close()
         deadline = time.monotonic() + seconds
-        while any(c.active is not None and not c.tunnel for c in self.connections):
+        while any(tunnels if c.tunnel else c.active is not None for c in self.connections):
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.02)

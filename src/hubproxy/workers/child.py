@@ -67,7 +67,15 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
         log.error("Worker %d runs hubproxy %s, the main process %s", index, __version__, version)
         return 1
     stop = asyncio.Event()
+    handing_over = False  # SIGUSR2: the main process hands over; WebSockets drain too
+
+    def hand_over() -> None:
+        nonlocal handing_over
+        handing_over = True
+        stop.set()
+
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR2, hand_over)
 
     try:
         tls = build_tls(config)
@@ -115,7 +123,7 @@ async def serve(control: socket.socket, listening: socket.socket, index: int) ->
     log.debug("Worker %d stopping: draining", index)
     if watcher is not None:
         await watcher.stop()
-    await plane.stop(config.drain_seconds)  # as the single process; the primary waits
+    await plane.stop(config.drain_seconds, tunnels=handing_over)  # the primary waits
     if not orphaned:
         with contextlib.suppress(ChannelClosed):
             channel.send("final", table.take_activity(), plane.stats.counters(), gauges(plane))

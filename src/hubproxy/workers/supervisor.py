@@ -277,17 +277,19 @@ class WorkerSet:
         ) + _requests(counters)
         worker.counters = None
 
-    async def stop(self, drain_seconds: float) -> None:
+    async def stop(self, drain_seconds: float, handing_over: bool = False) -> None:
         """SIGTERM to every worker (each drains up to `drain_seconds`), then wait for them;
-        a worker still there a few seconds later is killed."""
+        a worker still there a few seconds later is killed. `handing_over`: SIGUSR2 instead,
+        which has them wait for their WebSockets too (another process serves meanwhile)."""
         self._stopping = True
+        how = signal.SIGUSR2 if handing_over else signal.SIGTERM
         for _ in range(2):  # twice: a replacement may have been starting during the first
             workers = list(self._workers.values())
             if not workers:
                 break
             for worker in workers:
                 with contextlib.suppress(ProcessLookupError):
-                    worker.proc.send_signal(signal.SIGTERM)
+                    worker.proc.send_signal(how)
             waits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
             _, late = await asyncio.wait(waits, timeout=drain_seconds + 3.0)
             for worker in workers:
