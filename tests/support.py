@@ -52,8 +52,10 @@ class ProxyProcess:
         *,
         command: list[str] | None = None,
         preexec: Callable[[], None] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
-        """`command` replaces `python -m hubproxy`; `preexec` runs in the child before it."""
+        """`command` replaces `python -m hubproxy`; `preexec` runs in the child before it;
+        `pass_fds` are kept open in the child (as subprocess.Popen's)."""
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -67,6 +69,7 @@ class ProxyProcess:
             [*(command or [sys.executable, "-m", "hubproxy"]), *args],
             umask=umask,
             preexec_fn=before_exec,
+            pass_fds=pass_fds,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -153,8 +156,9 @@ class Proxy(ProxyProcess):
         *,
         command: list[str] | None = None,
         preexec: Callable[[], None] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
-        super().__init__(args, env, umask, command=command, preexec=preexec)
+        super().__init__(args, env, umask, command=command, preexec=preexec, pass_fds=pass_fds)
         self.token = token
         self.public_url = self.wait_for_line(_PROXYING.pattern).group(1)
         self.api_url = self.wait_for_line(_API_AT.pattern).group(1)

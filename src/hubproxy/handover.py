@@ -203,10 +203,15 @@ class Giver:
             await asyncio.wait((receiving, exited), return_when=asyncio.FIRST_COMPLETED)
         finally:
             exited.cancel()
-        if not receiving.done():
-            receiving.cancel()  # its thread ends as the taker's end of the pair closes
+        if receiving.done() and receiving.exception() is None:
+            message, _ = receiving.result()
+            return message
+        receiving.cancel()  # its thread ends as the taker's end of the pair closes
+        with contextlib.suppress(TimeoutError):  # its exit status says more than a closed pair
+            await asyncio.wait_for(taker.wait(), 5.0)
+        if taker.returncode is not None:
             raise HandoverError(f"the new process exited with status {taker.returncode}")
-        message, _ = receiving.result()
+        message, _ = await receiving  # raises the HandoverError
         return message
 
 

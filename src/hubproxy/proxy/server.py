@@ -107,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         self.unparsed = 0  # bytes read since the parser last completed something
         self.head_began = 0.0  # when the current head's first byte arrived; 0.0: no head under way
         self.closed = False
+        self.fresh = True  # no request has begun yet (a drain lets its first one in)
         self.tunnel = False
         self.eofs = 0
         self.idle_since = time.monotonic()
@@ -357,6 +358,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_failed(request, None, retryable=False, detail="socket hang up")
 
     def on_message_begin(self) -> None:
+        self.fresh = False
         self.parsing = Request(self, self.last_io)
         self.head_bytes = 0
         self.head_lines = 0

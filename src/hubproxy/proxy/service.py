@@ -38,6 +38,9 @@ AccessLog = Callable[[int, bytes, bytes, float, int, str | None, bytes], None]
 # of the body is read and dropped for this long at most, so that the client reads the answer
 # (nginx's lingering_time)
 LINGER_SECONDS = 30.0
+# a drain waits this long (within the drain time) for the first request of a connection it had
+# just accepted: a client sends it right after connecting, so it is on its way
+FRESH_SECONDS = 0.5
 
 
 class ProxyService:
@@ -242,11 +245,12 @@ class ProxyService:
         """Let in-flight requests (and, with `tunnels`, WebSockets) finish (up to `seconds`),
         then close everything."""
         self.draining = True
+        started = time.monotonic()
         for conn in list(self.connections):
-            if conn.active is None and not conn.tunnel:
-                conn.close()
-        deadline = time.monotonic() + seconds
-        while any(tunnels if c.tunnel else c.active is not None for c in self.connections):
+            if not _busy(conn, tunnels, started):
+                conn.close()  # idle between requests: its client retries elsewhere
+        deadline = started + seconds
+        while any(_busy(c, tunnels, time.monotonic()) for c in self.connections):
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.02)
@@ -258,3 +262,15 @@ class ProxyService:
             task.cancel()
         self.pools.close_idle()
         await self.errors.close()
+
+
+def _busy(conn: ClientConnection, tunnels: bool, now: float) -> bool:
+    """Whether a drain waits for `conn`: a request under way (its head arriving, or being
+    answered), a connection accepted moments ago whose first request may be in flight (closing
+    it would fail a request its client cannot tell was never seen), or, with `tunnels`, a
+    WebSocket."""
+    if conn.tunnel:
+        return tunnels
+    if conn.active is not None or conn.head_began:
+        return True
+    return conn.fresh and now - conn.idle_since < FRESH_SECONDS
