@@ -334,6 +334,7 @@ async def serve(config: Config) -> int | Reexec:
         api_sites.clear()
         metrics_sites.clear()
         assert api_runner.server is not None
+        api_runner.server.pre_shutdown()  # idle keep-alive connections close now
         await api_runner.server.shutdown(5.0)
         await flusher.flush()
 

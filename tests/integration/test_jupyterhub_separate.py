@@ -11,7 +11,9 @@ leaves the stack healthy (hub up, proxy up, alice's server reachable):
 3. hub restart (SIGTERM, then SIGKILL): alice's server stays reachable through the proxy (probed
    every 50 ms), `/hub/` answers an error at once while the hub is down, and the restarted hub
    reconciles routes;
-4. proxy restart: the hub puts the routes back (periodic check, then `POST /hub/api/proxy`);
+4. proxy hand-over (SIGUSR2, an upgrade in place): alice's server stays reachable, same routes,
+   same pid;
+5. proxy restart: the hub puts the routes back (periodic check, then `POST /hub/api/proxy`);
    the outage is measured.
 """
 
@@ -194,6 +196,39 @@ def test_hub_restart_keeps_servers_reachable(stack: Stack, sig: signal.Signals) 
         f"{resp.status_code} in {hub_down_answer * 1000:.0f} ms)"
     )
     assert not probe.failures, probe.summary()
+
+
+def test_proxy_hand_over_keeps_servers_reachable(stack: Stack) -> None:
+    """SIGUSR2 (an upgrade in place): the hub keeps running and notices nothing; alice's server
+    stays reachable throughout, with the same routes, the proxy's pid unchanged."""
+    assert stack.proxy.proc is not None
+    pid = stack.proxy.proc.pid
+    routes_before = stack.proxy.routes()
+    with stack.prober() as probe:
+        wait_until(lambda: len(probe.samples) >= 5, 10, "the first probes", 0.02)
+        started = time.monotonic()
+        stack.proxy.proc.send_signal(signal.SIGUSR2)
+        wait_until(
+            lambda: f"Pid {pid} serves again" in stack.proxy.log(),
+            60,
+            "the proxy's pid to serve again",
+            0.05,
+        )
+        handed_over_in = time.monotonic() - started
+        wait_until(lambda: len(probe.samples) >= 5 + 40, 10, "more probes", 0.02)
+    assert stack.proxy.proc.poll() is None
+    routes_after = stack.proxy.routes()
+    assert sorted(routes_after) == sorted(routes_before)
+    for key, before in routes_before.items():
+        assert {k: v for k, v in routes_after[key].items() if k != "last_activity"} == {
+            k: v for k, v in before.items() if k != "last_activity"
+        }
+    MEASUREMENTS["proxy hand-over (SIGUSR2): alice unreachable"] = (
+        f"{probe.unreachable_seconds():.3f}s ({probe.summary()}; back in the same pid after "
+        f"{handed_over_in:.2f}s)"
+    )
+    assert not probe.failures, probe.summary()
+    assert run_one_plus_one(stack.proxy.public_url, stack.server_path, stack.token) == "2"
 
 
 @pytest.mark.parametrize("restore", ["periodic check", "POST /hub/api/proxy"])
