@@ -124,7 +124,7 @@ def test_unusable_sockets_are_refused(
         adopt_named(fds, names)
 
 
-# --- socket activation, end to end -----------------------------------------------------------------
+# --- socket activation, end to end ---------------------------------------------------------------
 
 
 class Activator:
@@ -414,7 +414,7 @@ def test_socket_activated_restart_fails_no_request(
     assert report.ws_reconnects == len(report.ws_closes)
 
 
-# --- the hand-over (SIGUSR2) -----------------------------------------------------------------------
+# --- the hand-over (SIGUSR2) ---------------------------------------------------------------------
 
 
 def handed_over(proxy: Proxy) -> tuple[int, float]:
