@@ -7,7 +7,8 @@ Node's CHP nowhere before it), and once more through the first with `c.JupyterHu
 
 Each run: log in through the proxy, start a user's server, reach it through the proxy (browser
 session with the OAuth dance, and a token), run `1+1` on a kernel over its WebSocket, watch the
-route appear in `GET /api/routes` with JupyterHub's data, kill the server and get the hub's
+route appear in `GET /api/routes` with JupyterHub's data, upgrade the proxy in place (SIGUSR2;
+the first way only: the hub sees the same pid and its routes), kill the server and get the hub's
 "server appears to be down" page (hubproxy's `--error-target`), see the route disappear when the
 hub stops the server, then stop the hub: the proxy process is gone.
 """
@@ -107,6 +108,19 @@ def test_hub_starts_hubproxy(how: str, jh_workdir: Path) -> None:
 
         # --- a kernel over its WebSocket, through the proxy -----------------------------------
         assert run_one_plus_one(hub.public_url, server_path, token) == "2"
+
+        # --- an upgrade in place (SIGUSR2): the pid the hub started stays, so does the route ---
+        if how == "python -m hubproxy":
+            os.kill(proxy_pid, signal.SIGUSR2)
+            wait_until(
+                lambda: f"Pid {proxy_pid} serves again" in hub.log_path.read_text(errors="replace"),
+                60,
+                "the proxy's pid to serve again",
+                0.05,
+            )
+            assert hub.proxy_pid() == proxy_pid and pid_alive(proxy_pid)
+            assert "/user/alice" in hub.proxy_routes()
+            assert run_one_plus_one(hub.public_url, server_path, token) == "2"
 
         # --- the server dies: the proxy answers 503 with the hub's error page (--error-target)
         pids = singleuser_pids(hub.home("alice"))
