@@ -80,6 +80,7 @@ class FakeTransport(asyncio.Transport, Generic[P]):
         self.lost = False  # connection_lost was delivered
         self.lost_with: BaseException | None = None
         self.buffered = 0  # what get_write_buffer_size says
+        self.fill_on_write = False  # the next write passes the high-water mark (`fill`)
         self._lost_soon = False
 
     def connect(self) -> FakeTransport[P]:
@@ -139,8 +140,11 @@ class FakeTransport(asyncio.Transport, Generic[P]):
         assert not self.eof_written, "write() after write_eof()"
         if self.closing:
             self.late_writes.append(bytes(data))
-        else:
-            self.writes.append(bytes(data))
+            return
+        self.writes.append(bytes(data))
+        if self.fill_on_write:  # as asyncio does, from inside write()
+            self.fill_on_write = False
+            self.fill()
 
     def write_eof(self) -> None:
         assert self.half_close, "write_eof() on a transport that cannot"
