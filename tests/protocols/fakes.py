@@ -124,6 +124,12 @@ class FakeTransport(asyncio.Transport, Generic[P]):
             ConnectionResetError(104, "Connection reset by peer") if exc is None else exc
         )
 
+    def hang_up(self) -> None:
+        """The connection ended cleanly, at once: `connection_lost(None)` (what a peer's FIN
+        comes to once the transport closes)."""
+        self.closing = True
+        self._deliver_lost(None)
+
     def fill(self) -> None:
         """The write buffer passes its high-water mark: `pause_writing`."""
         self.buffered = HIGH_WATER + 1
