@@ -156,6 +156,20 @@ async def test_close_delimited_response_to_http10(proxy: Proxy) -> None:
     assert proxy.counts() == (0, 0)
 
 
+async def test_chunked_response_to_http10(proxy: Proxy) -> None:
+    """An HTTP/1.0 client cannot read chunks: a chunked response reaches it de-chunked and
+    ends with its connection; the target connection is pooled all the same."""
+    client = proxy.client()
+    client.receive(request(version="1.0"))
+    await proxy.run_callbacks()
+    [target] = proxy.targets
+    target.receive(response(200, [("Transfer-Encoding", "chunked")]) + b"3\r\nabc\r\n")
+    assert client.take() == b"HTTP/1.1 200 OK\r\n" + CLOSE + b"\r\nabc"
+    target.receive(b"0\r\n\r\n")
+    assert client.writes == [] and client.closing
+    assert target.protocol.phase is Phase.IDLE
+
+
 async def test_head_response_has_no_body(proxy: Proxy) -> None:
     """A HEAD's answer ends after its head, whatever its Content-Length says; the connection is
     pooled, and its parser serves the next request as new."""

@@ -199,8 +199,9 @@ async def test_early_answer_chunked_body_never_reaches_the_next_target(proxy: Pr
 
 
 async def test_early_answer_with_connection_close(proxy: Proxy) -> None:
-    """An early answer that closes the client's connection: relayed, then the connection
-    closes; nothing more reaches the target."""
+    """An early answer to a request that closes the connection: relayed with Connection:
+    close, the target connection closed (when the client's closes: see
+    test_own_answers.test_closing_answer_reads_the_rest_first)."""
     client = proxy.client()
     client.receive(request("POST", "/up", [("Content-Length", "10"), ("Connection", "close")]))
     await proxy.run_callbacks()
@@ -208,7 +209,7 @@ async def test_early_answer_with_connection_close(proxy: Proxy) -> None:
     target.take()
     target.receive(response(403, body=b"no"))
     assert client.take() == b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n" + CLOSE + b"\r\nno"
-    assert client.closing and target.closing
+    assert target.closing and target.protocol.phase is Phase.CLOSED
     assert proxy.counts() == (0, 0)
 
 
