@@ -3,6 +3,8 @@ be framed, HEAD, 204/304, and interim (1xx) responses."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from hubproxy.proxy.exchange import STREAM
@@ -36,6 +38,9 @@ async def test_get_through_both_legs(proxy: Proxy) -> None:
     assert target.protocol.request is None
     assert proxy.counts() == (0, 1)
     assert client.protocol.active is None and not client.closing
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert client.socket.options == target.socket.options == {nodelay: 1}
+    assert client.protocol.client_ip == b"203.0.113.7"
 
 
 async def test_post_body_in_the_head_read(proxy: Proxy) -> None:

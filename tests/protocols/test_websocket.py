@@ -85,7 +85,7 @@ async def test_101_to_a_plain_request_is_refused(proxy: Proxy) -> None:
     target.receive(SWITCHING)
     assert client.take().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert target.aborted
-    assert not client.protocol.tunnel
+    assert not client.protocol.tunnel and not client.closing  # the client's stays as it was
 
 
 async def test_101_without_websocket_is_refused(proxy: Proxy) -> None:
@@ -224,3 +224,24 @@ async def test_tunnel_flow_control(proxy: Proxy) -> None:
     assert not client.reading and client.protocol.gate.reasons == UPSTREAM_FULL
     target.drain()
     assert client.reading
+
+
+async def test_upgrade_pipelined_behind_a_get(proxy: Proxy) -> None:
+    """An upgrade request read behind a GET waits its turn; what follows it waits for its
+    101; the GET's connection is pooled and lent to the upgrade, which then leaves the pool
+    for good."""
+    client = proxy.client()
+    client.receive(request("GET", "/page") + request("GET", "/ws", WS_HEADERS) + b"\x81\x00")
+    await proxy.run_callbacks()
+    [target] = proxy.targets
+    assert target.take() == forwarded("GET", "/page")
+    assert not client.reading
+    target.receive(response(body=b"page"))
+    assert client.take().endswith(b"\r\n\r\npage")
+    assert target.take() == forwarded("GET", "/ws", PASSED_ON, websocket=True)
+    assert not client.reading  # UPGRADE
+    target.receive(SWITCHING)
+    assert client.take() == SWITCHING
+    assert target.take() == b"\x81\x00"
+    assert target.protocol.phase is Phase.TUNNEL and client.reading
+    assert proxy.counts() == (0, 0)
