@@ -78,7 +78,7 @@ class FakeTransport(asyncio.Transport, Generic[P]):
         self.aborted = False
         self.eof_written = False
         self.lost = False  # connection_lost was delivered
-        self.lost_with: BaseException | None = None
+        self.lost_with: Exception | None = None
         self.buffered = 0  # what get_write_buffer_size says
         self.fill_on_write = False  # the next write passes the high-water mark (`fill`)
         self._lost_soon = False
@@ -117,7 +117,7 @@ class FakeTransport(asyncio.Transport, Generic[P]):
         if not keep_open:
             self.close()
 
-    def reset(self, exc: BaseException | None = None) -> None:
+    def reset(self, exc: Exception | None = None) -> None:
         """The connection is gone at once (RST, or a read error): `connection_lost(exc)`."""
         self.closing = True
         self._deliver_lost(
@@ -205,7 +205,7 @@ class FakeTransport(asyncio.Transport, Generic[P]):
             self._lost_soon = True
             asyncio.get_running_loop().call_soon(self._deliver_lost, None)
 
-    def _deliver_lost(self, exc: BaseException | None) -> None:
+    def _deliver_lost(self, exc: Exception | None) -> None:
         if not self.lost:
             self.lost = True
             self.lost_with = exc

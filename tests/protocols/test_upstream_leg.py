@@ -123,7 +123,7 @@ ENDINGS = [
 
 @pytest.mark.parametrize(("phase", "received", "exc", "reused", "call"), ENDINGS)
 async def test_connection_lost_in_each_phase(
-    phase: str, received: bytes, exc: BaseException | None, reused: bool, call: tuple[str, object]
+    phase: str, received: bytes, exc: Exception | None, reused: bool, call: tuple[str, object]
 ) -> None:
     """The target connection lost in each phase: the client leg is told once, the right thing
     (retry only a reused connection that had not begun its answer), and nothing stays lent."""
