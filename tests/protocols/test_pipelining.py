@@ -143,11 +143,6 @@ async def test_early_answer_then_body_dropped(proxy: Proxy) -> None:
     assert second.take() == forwarded("GET", "/next")
 
 
-SMUGGLE_BUG = (
-    "bug: the body of a request answered early stays in the STREAM sink after unlink (not "
-    "DROP), so what of it arrives in the same read as the next request is sent to the next "
-    "request's target connection, after its head"
-)
 
 
 async def warm(proxy: Proxy, *paths: str) -> None:
@@ -162,7 +157,6 @@ async def warm(proxy: Proxy, *paths: str) -> None:
             target.receive(response(body=b""))
 
 
-@pytest.mark.xfail(strict=True, reason=SMUGGLE_BUG)
 async def test_early_answer_body_never_reaches_the_next_target(proxy: Proxy) -> None:
     """After an early answer, the rest of the body and the next request arrive in one read,
     and the next request's target (another user's) has an idle pooled connection: it gets the
@@ -183,7 +177,6 @@ async def test_early_answer_body_never_reaches_the_next_target(proxy: Proxy) -> 
     assert bob.take() == forwarded("GET", "/bob/next")
 
 
-@pytest.mark.xfail(strict=True, reason=SMUGGLE_BUG)
 async def test_early_answer_chunked_body_never_reaches_the_next_target(proxy: Proxy) -> None:
     """As above with a chunked body, and the next request to the same target (two connections
     pooled): the dropped chunks must not follow the next request's head."""

@@ -3,8 +3,6 @@ upgrade closes both; half-closes and closes pass from either side to the other."
 
 from __future__ import annotations
 
-import pytest
-
 from hubproxy.proxy.flow import CLIENT_FULL, UPGRADE, UPSTREAM_FULL
 from hubproxy.proxy.upstream import Phase
 
@@ -191,12 +189,6 @@ async def test_target_eof_to_tls_client_closes_it(proxy: Proxy) -> None:
     assert client.lost and target.closing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: UpstreamConnection.close() enters CLOSED before transport.close(), so in "
-    "TUNNEL connection_lost returns early and the client's tunnel_closed() is never called "
-    "(fixed on main by the other engineer; flip at merge)",
-)
 async def test_client_eof_to_tls_target_closes_the_client(make_proxy: MakeProxy) -> None:
     """The client's EOF in a tunnel to a TLS target (no half-close): the proxy closes the
     target's connection, and the client's with it."""

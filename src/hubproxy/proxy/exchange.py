@@ -152,7 +152,10 @@ class Request:
 
     def unlink(self) -> UpstreamSide | None:
         """The target connection is done with this request (answered, failed or abandoned);
-        the connection is returned, if there was one."""
+        the connection is returned, if there was one. What is still to come of the body is
+        dropped: once the next request is answered in the same read, body bytes left streaming
+        would reach that request's target (request smuggling)."""
+        self.sink = DROP
         upstream = self.upstream
         if upstream is not None:
             upstream.request = None
