@@ -90,11 +90,6 @@ async def test_target_gone_in_chunked_body(proxy: Proxy) -> None:
     assert client.aborted and client.writes == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a reset during a close-delimited body is relayed as its end (last chunk "
-    "written, response done) instead of cutting the client off",
-)
 async def test_target_reset_in_close_delimited_body(proxy: Proxy) -> None:
     """A body that ends with the connection ends with a clean close only: a reset means it was
     cut short, so the client is cut off too, with no last chunk."""

@@ -4,8 +4,6 @@ leg pauses only its own transport, for reasons kept by its ReadGate."""
 
 from __future__ import annotations
 
-import pytest
-
 from hubproxy.proxy.flow import CLIENT_FULL, CONNECTING, UPSTREAM_FULL
 from hubproxy.proxy.upstream import Phase
 
@@ -134,11 +132,6 @@ async def test_both_ways_at_once(proxy: Proxy) -> None:
     assert client.reading and target.reading
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a pooled target connection whose write buffer is over its high-water mark is "
-    "lent to the next request without UPSTREAM_FULL, so that client's body is read on",
-)
 async def test_pooled_connection_still_full_pauses_its_next_client(proxy: Proxy) -> None:
     """A connection given back with its write buffer still full (the target answered without
     reading the whole body yet) pauses the next client that borrows it, until it drains."""

@@ -75,13 +75,6 @@ async def test_no_route_chunked_body_dropped(unrouted: Proxy) -> None:
     assert unrouted.connector.attempts == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an answer to a request that closes the connection (Connection: close, "
-    "HTTP/1.0) closes it at once while its body is still coming, instead of reading and "
-    "dropping the rest first; the unread bytes make the kernel send a reset, which can destroy "
-    "the answer before the client reads it",
-)
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 async def test_closing_answer_reads_the_rest_first(unrouted: Proxy, version: str) -> None:
     """docs/limits.md: the body of a request already answered is read and dropped (30 s at
@@ -212,12 +205,6 @@ async def test_head_timeout_408(proxy: Proxy) -> None:
     assert client.closing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the keep-alive timeout (5 s) also closes a connection in the middle of a "
-    "request head, silently, long before --headers-timeout (docs/limits.md: only idle and "
-    "silent new connections)",
-)
 async def test_half_a_head_waits_for_the_headers_timeout(proxy: Proxy) -> None:
     """A client that pauses in the middle of its head for longer than the keep-alive timeout
     is not idle: it has until --headers-timeout to finish it."""

@@ -97,11 +97,6 @@ async def test_pipelining_limit_holds_within_one_read(proxy: Proxy) -> None:
     ],
     ids=["connection-close", "http10"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: bytes after a request that closes the connection (Connection: close, "
-    "HTTP/1.0) make llhttp fail, and the proxy answers 400 instead of that request",
-)
 async def test_bytes_after_a_closing_request(proxy: Proxy, first: bytes) -> None:
     """A request that ends the connection is answered, then the connection closes; whatever
     followed it in the read is ignored (never forwarded, never a 400)."""
@@ -141,8 +136,6 @@ async def test_early_answer_then_body_dropped(proxy: Proxy) -> None:
     second = proxy.targets[-1]
     assert second is not first
     assert second.take() == forwarded("GET", "/next")
-
-
 
 
 async def warm(proxy: Proxy, *paths: str) -> None:

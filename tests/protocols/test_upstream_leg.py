@@ -93,9 +93,6 @@ async def linked(reused: bool = False, websocket: bool = False) -> Leg:
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 RESET = ConnectionResetError(104, "Connection reset by peer")
 
-XFAIL_RESET = pytest.mark.xfail(
-    strict=True, reason="bug: a reset ends a close-delimited body as if it were complete"
-)
 LENGTH = response(200, [("Content-Length", "5")]) + b"ab"
 TO_CLOSE = response(200, length=False) + b"ab"
 
@@ -108,13 +105,7 @@ ENDINGS = [
     pytest.param("body", LENGTH, None, False, ("response_broken", None), id="body"),
     pytest.param("body", TO_CLOSE, None, False, ("response_done", 200), id="body-to-close"),
     pytest.param(
-        "body",
-        TO_CLOSE,
-        RESET,
-        False,
-        ("response_broken", None),
-        id="body-to-close-reset",
-        marks=XFAIL_RESET,
+        "body", TO_CLOSE, RESET, False, ("response_broken", None), id="body-to-close-reset"
     ),
     pytest.param("tunnel", SWITCHING, None, False, ("tunnel_closed", None), id="tunnel"),
     pytest.param("tunnel", SWITCHING, RESET, False, ("tunnel_closed", None), id="tunnel-reset"),

@@ -281,6 +281,11 @@ class ClientConnection(asyncio.Protocol):
             return False
         except httptools.HttpParserError as e:
             self._flush_upstream()
+            last = self.parsing
+            if last is not None and last.complete and not last.keep_alive:
+                # llhttp refuses anything after a request that ends the connection; it is
+                # ignored (never forwarded), and that request is answered, then we close
+                return False
             self._bad_request(400, e)
             return False
         self._flush_upstream()
@@ -423,7 +428,7 @@ class ClientConnection(asyncio.Protocol):
         request.complete = True
         if request is self.unfinished:
             self.unfinished = None
-            self._next()
+            self._after(request)
             return
         if request.sink is STREAM and request.body_kind == CHUNKED_BODY:
             self.upstream_out.append(b"0\r\n\r\n")
@@ -569,6 +574,8 @@ class ClientConnection(asyncio.Protocol):
         conn.expect_response(now)
         if self.writing_paused:  # the client is not reading: nor do we, from its new upstream
             conn.client_full()
+        if conn.full:  # a pooled connection whose last request's bytes are still queued
+            self.upstream_full()
         if request.upgrade:
             conn.send(head, now)  # what followed the head waits for the 101
             return
@@ -629,15 +636,20 @@ class ClientConnection(asyncio.Protocol):
         if request is not self.active:
             raise RuntimeError("an answer finished for a request that is not being answered")
         self.active = None
-        if not request.keep_alive or self.service.draining:
-            self.close()
-            return
         if not request.complete:
             # answered before its body was read (an error, the health check, an early answer):
             # read the rest and drop it, so the client can finish sending and read our answer
-            # (for LINGER_SECONDS at most, counted from now)
+            # (for LINGER_SECONDS at most, counted from now); closing with bytes unread would
+            # have the kernel reset the connection, which can destroy the answer
             self.unfinished = request
             self.idle_since = time.monotonic()
+            return
+        self._after(request)
+
+    def _after(self, request: Request) -> None:
+        """`request` is answered and read to its end: close, or go on to the next one."""
+        if not request.keep_alive or self.service.draining:
+            self.close()
             return
         self._next()
 

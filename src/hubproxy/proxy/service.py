@@ -225,6 +225,8 @@ class ProxyService:
                 conn.head_timed_out()  # a slow head (slowloris): 408, as Node
                 continue
             if active is None:
+                if conn.head_began and headers_timeout:
+                    continue  # a head under way: its own timeout (above) applies, as in Node
                 if now - max(conn.idle_since, conn.last_io) > keep_alive or (
                     conn.unfinished is not None and now - conn.idle_since > LINGER_SECONDS
                 ):

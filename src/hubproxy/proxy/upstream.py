@@ -124,6 +124,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.ends_at_close = False  # the body ends when the connection does
         self.skip_body = False  # the parser expects a body a HEAD response never has
         self.keep_alive = False  # read while parsing: httptools forgets it once a message ends
+        # our writes wait over the transport's high-water mark (pause_writing): whoever is lent
+        # this connection next must not read more body for it yet
+        self.full = False
 
     # -- phases ----------------------------------------------------------------------------------
 
@@ -216,8 +219,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel_ended(phase)
             return
         request.unlink()
-        if phase is BODY and self.ends_at_close:
-            # a body delimited by the connection's end has just ended
+        if phase is BODY and self.ends_at_close and exc is None:
+            # a body delimited by the connection's end has just ended (a reset is no end: the
+            # client must not take a cut body for a whole one)
             if self.relay == RELAY_CHUNKED:
                 client.send(b"0\r\n\r\n", time.monotonic())
             client.response_done(request, self.status)
@@ -258,10 +262,12 @@ class UpstreamConnection(asyncio.Protocol):
     # -- flow control ----------------------------------------------------------------------------
 
     def pause_writing(self) -> None:
+        self.full = True
         if self.request is not None:
             self.request.client.upstream_full()
 
     def resume_writing(self) -> None:
+        self.full = False
         if self.request is not None:
             self.request.client.upstream_drained()
 
