@@ -9,9 +9,9 @@ with none of those characters, is recognised by a few substring checks and left 
 from __future__ import annotations
 
 import re
-import urllib.parse
 
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+from hubproxy.jscompat import decode_uri_component
+
 _SCHEME = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://")
 # bytes WHATWG percent-encodes in a path (beyond what the HTTP parser already refuses)
 _PATH_ENCODE = re.compile(rb'[\x00-\x20"<>`{}\x7f-\xff]')
@@ -67,13 +67,10 @@ def _normalise(path: bytes) -> bytes:
 
 def decode_path(path: bytes) -> str:
     """Percent-decode strictly as UTF-8, as JavaScript's decodeURIComponent does."""
-    if b"%" not in path:
-        return path.decode("latin-1")  # the HTTP parser only lets ASCII through
-    if _BAD_ESCAPE.search(path):
-        raise BadPath("URI malformed")
     try:
-        return urllib.parse.unquote_to_bytes(path).decode("utf-8")
-    except UnicodeDecodeError as e:
+        # latin-1 maps bytes to characters one to one; the HTTP parser only lets ASCII through
+        return decode_uri_component(path.decode("latin-1"))
+    except ValueError as e:
         raise BadPath("URI malformed") from e
 
 
