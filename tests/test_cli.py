@@ -644,7 +644,8 @@ def test_ci_script_runs_the_readme_test_command() -> None:
     assert os.access(README.parent / ".ci" / "run", os.X_OK)
     commands = [line for line in script.splitlines() if line and not line.startswith(("#", " "))]
     assert commands[-1] == 'python -m pytest "$@"'
-    assert "python -m pip install -q -e '.[test]'" in commands
+    # the README's `.[test]` and more: JupyterHub for tests/integration, and the linters
+    assert "python -m pip install -q -e '.[test,integration,lint]'" in commands
 
 
 def test_workers_auto_is_one_per_usable_cpu() -> None:
