@@ -646,6 +646,7 @@ def test_ci_script_runs_the_readme_test_command() -> None:
     assert commands[-1] == 'python -m pytest "$@"'
     # the README's `.[test]` and more: JupyterHub for tests/integration, and the linters
     assert "python -m pip install -q -e '.[test,integration,lint]'" in commands
+    assert {"ruff check .", "ruff format --check .", "python -m mypy"} <= set(commands)
 
 
 def test_workers_auto_is_one_per_usable_cpu() -> None:

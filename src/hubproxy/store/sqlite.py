@@ -39,7 +39,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from hubproxy.store.base import (
     ChangeListener,
@@ -229,6 +229,8 @@ class SQLiteStore:
         loop.call_soon_threadsafe(_settle, opened, rows, None)
         try:
             while True:
+                # an operation, None (close), or False (nothing came: poll for other processes)
+                first: _Op | Literal[False] | None
                 try:
                     first = self._queue.get(timeout=POLL_SECONDS)
                 except queue.Empty:
@@ -351,7 +353,7 @@ def _load(conn: sqlite3.Connection) -> _Rows:
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
-    return conn.execute("PRAGMA data_version").fetchone()[0]
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
