@@ -19,7 +19,7 @@
 # 30 to 60 s in test_singleuser's teardowns, so 60 s is too short); JHSUITE_JUNIT=<file> writes
 # a JUnit XML report.
 #
-# Needs: pip install -e '.[jupyterhub]' (jupyterhub[test], jupyter_server, ipykernel).
+# Needs: pip install -e '.[integration]' (jupyterhub[test], jupyter_server, ipykernel, pytest-timeout).
 # The subdomain tests need *.localhost.jovyan.org -> 127.0.0.1 from public DNS and skip without
 # JUPYTERHUB_TEST_SUBDOMAIN_HOST; --subdomain sets it (on a free port) and resolves those names to
 # 127.0.0.1 inside the test process (jupyterhub_suite/jhsuite_dns.py), so they run offline. The

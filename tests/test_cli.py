@@ -18,13 +18,11 @@ import pytest
 
 from hubproxy import __version__
 from hubproxy.cli import (
-    NOT_SUPPORTED_YET,
     ConfigError,
     UsageError,
     _build_parser,
     _Exit,
     check,
-    not_supported,
     parse,
     parse_custom_header,
 )
@@ -311,7 +309,8 @@ def test_log_levels(level: str) -> None:
 
 
 def test_storage_backend_memory_is_the_default_store() -> None:
-    assert not_supported(cfg("--storage-backend", "memory")) is None
+    assert cfg("--storage-backend", "memory").storage_backend == "memory"
+    assert cfg().storage_backend is None  # open_store(None) is the memory store
 
 
 @pytest.mark.parametrize(
@@ -588,81 +587,35 @@ def test_ip_star_warning_is_logged_before_exiting() -> None:
     )
 
 
-# --- options parsed now, refused until their feature lands ----------------------------------------
-
-# option in the message -> a command line that uses it (with what it needs to get past `check`);
-# empty now that every option is implemented: the mechanism stays for options added ahead of
-# their feature
-NOT_YET_ARGV: dict[str, list[str]] = {}
-
-
-def test_not_yet_table_matches_the_cli() -> None:
-    assert [label for label, _ in NOT_SUPPORTED_YET] == list(NOT_YET_ARGV)
-
-
-def test_not_supported_yet_mechanism(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hubproxy.cli
-
-    table = (("--timeout", lambda c: c.timeout is not None),)
-    monkeypatch.setattr(hubproxy.cli, "NOT_SUPPORTED_YET", table)
-    assert not_supported(cfg("--timeout", "5")) == "--timeout is not supported yet"
-    assert not_supported(cfg()) is None
-
-
-def test_nothing_in_use_nothing_refused() -> None:
-    assert not_supported(cfg()) is None
-    assert not_supported(cfg("--log-format", "text")) is None
-
-
-def test_help_marks_options_not_supported_yet() -> None:
-    helps = {o: a.help or "" for a in _build_parser("hubproxy")._actions for o in a.option_strings}
-    refused_whole = {label for label, _ in NOT_SUPPORTED_YET if " " not in label}
-    for option, text in helps.items():
-        assert text.endswith("[not supported yet]") == (option in refused_whole), option
-
-
 # --- nothing silently ignored; the README tells the truth --------------------------------------
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "hubproxy"
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-# fields used by cli.main itself, or only by a feature that is refused as a whole for now
+# fields used by cli.main itself
 USED_BY_CLI = {"log_level", "log_format"}
-ONLY_WITH_REFUSED_OPTIONS: dict[str, str] = {}  # e.g. {"ssl_key_passphrase": "ssl_key"}
 
 
-def _non_default(field: str) -> Any:
-    default = getattr(Config(), field)
-    if isinstance(default, bool):
-        return not default
-    if isinstance(default, int):
-        return default + 1
-    if field == "log_format":
-        return "json"
-    return "x"
-
-
-def test_every_config_field_is_used_or_refused() -> None:
-    """A field nothing reads would be an option silently ignored: it must be refused instead."""
-    from dataclasses import fields, replace
+def test_every_config_field_is_used() -> None:
+    """A field nothing reads would be an option silently ignored."""
+    from dataclasses import fields
 
     sources = "\n".join(
         p.read_text() for p in SRC.rglob("*.py") if p.name != "cli.py" or p.parent != SRC
     )
-    for field in (f.name for f in fields(Config)):
-        if re.search(rf"\.{field}\b", sources) or field in USED_BY_CLI:
-            continue
-        if field in ONLY_WITH_REFUSED_OPTIONS:
-            field = ONLY_WITH_REFUSED_OPTIONS[field]
-        config = replace(Config(), **{field: _non_default(field)})
-        assert not_supported(config) is not None, f"{field} is neither used nor refused"
+    unused = [
+        field
+        for field in (f.name for f in fields(Config))
+        if not re.search(rf"\.{field}\b", sources) and field not in USED_BY_CLI
+    ]
+    assert unused == []
 
 
 def _readme_rows() -> dict[str, list[str]]:
     rows = {}
     for line in README.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| `-") and len(cells) == 5:
+        if line.startswith("| `-") and len(cells) == 4:
             for option in cells[0].split(", "):
                 rows[option.strip("`")] = cells
     return rows
@@ -679,20 +632,10 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert lines[1:3] == ["", "```sh"] and lines[5] == "```"
 
 
-def test_readme_lists_every_option_with_its_status() -> None:
-    rows = _readme_rows()
+def test_readme_lists_every_option() -> None:
     parser = _build_parser("hubproxy")
     options = {o for a in parser._actions for o in a.option_strings}
-    assert set(rows) == options
-    refused_whole = {label for label, _ in NOT_SUPPORTED_YET if " " not in label}
-    for option, cells in rows.items():
-        status = cells[4]
-        assert (status == "not yet") == (option in refused_whole), option
-        assert status in ("yes", "not yet") or option in (
-            "--storage-backend",
-            "--log-format",
-            "--workers",
-        )
+    assert set(_readme_rows()) == options
 
 
 def test_ci_script_runs_the_readme_test_command() -> None:
@@ -701,7 +644,9 @@ def test_ci_script_runs_the_readme_test_command() -> None:
     assert os.access(README.parent / ".ci" / "run", os.X_OK)
     commands = [line for line in script.splitlines() if line and not line.startswith(("#", " "))]
     assert commands[-1] == 'python -m pytest "$@"'
-    assert "python -m pip install -q -e '.[test]'" in commands
+    # the README's `.[test]` and more: JupyterHub for tests/integration, and the linters
+    assert "python -m pip install -q -e '.[test,integration,lint]'" in commands
+    assert {"ruff check .", "ruff format --check .", "python -m mypy"} <= set(commands)
 
 
 def test_workers_auto_is_one_per_usable_cpu() -> None:

@@ -2,8 +2,9 @@
 
 `split_target` is CHP's WHATWG parse of the request-target reduced to what matters (dot segments,
 `\\`, absolute-form, percent-encoding of bytes a URL path may not hold); `decode_path` is
-decodeURIComponent (strict UTF-8); `host_key` builds the host-routing key; `strip_prefix` and
-`join_paths` make the upstream path (`--no-include-prefix`, http-proxy's urlJoin).
+decodeURIComponent (strict UTF-8); `split_host` cuts a Host into name and port; `host_key` builds
+the host-routing key; `strip_prefix` and `join_paths` make the upstream path
+(`--no-include-prefix`, http-proxy's urlJoin).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hubproxy.proxy.paths import (
     decode_path,
     host_key,
     join_paths,
+    split_host,
     split_target,
     strip_prefix,
 )
@@ -154,6 +156,35 @@ def test_decode_path_refuses(path: bytes) -> None:
 def test_bad_path_is_a_value_error() -> None:
     """The data plane answers BadPath with 500; it must not be mistaken for anything else."""
     assert issubclass(BadPath, ValueError)
+
+
+# -- split_host -----------------------------------------------------------------------------------
+
+SPLIT_HOST = [
+    ("example.org", ("example.org", None)),
+    ("example.org:8000", ("example.org", "8000")),
+    ("127.0.0.1:9000", ("127.0.0.1", "9000")),
+    ("[::1]", ("[::1]", None)),
+    ("[::1]:9010", ("[::1]", "9010")),
+    ("[fe80::1%25eth0]:80", ("[fe80::1%25eth0]", "80")),
+    ("[::1", ("[::1", None)),  # never closed: all name
+    ("[::1]x", ("[::1]", None)),
+    ("[::1]:", ("[::1]", None)),
+    ("example.org:", ("example.org", None)),  # an empty port is no port
+    ("example.org:http", ("example.org", None)),  # nor is one that is not digits
+    ("example.org:８０", ("example.org", None)),  # nor one of non-ASCII digits
+    ("a:1:2", ("a", None)),
+    ("", ("", None)),
+]
+
+
+@pytest.mark.parametrize(("host", "parts"), SPLIT_HOST)
+def test_split_host(host: str, parts: tuple[str, str | None]) -> None:
+    assert split_host(host) == parts
+    # bytes in, bytes out: the data plane splits Host headers as it received them
+    raw = host.encode("utf-8")
+    name, port = parts
+    assert split_host(raw) == (name.encode("utf-8"), port.encode() if port else None)
 
 
 # -- host_key -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from hubproxy.redirect import NO_HOST, host_without_port, location
+from hubproxy.redirect import NO_HOST, location
 from rawhttp import RawClient
 from support import Backend, Proxy, http_request
 from test_tls import PKI, https, run_to_exit
@@ -180,10 +180,11 @@ def test_location(host: str, port: int, target: str, expected: str) -> None:
     assert location(host, port, target) == expected
 
 
-def test_host_without_port() -> None:
-    assert host_without_port("a.b:1") == "a.b"
-    assert host_without_port("[fe80::1]:80") == "[fe80::1]"
-    assert host_without_port("[broken") == "[broken"
+def test_location_cuts_the_port_of_any_host() -> None:
+    # the Host is split by proxy.paths.split_host (tested there as a table)
+    assert location("a.b:1", 443, "/") == "https://a.b/"
+    assert location("[fe80::1]:80", 443, "/") == "https://[fe80::1]/"
+    assert location("[broken", 443, "/") == "https://[broken/"
     assert "{port}" in NO_HOST
 
 

@@ -1,13 +1,16 @@
-"""MemoryStore (CHP's store_spec.js, spec §6.5) and the change feed a RouteTable follows."""
+"""MemoryStore (CHP's store_spec.js, spec §6.5), the change feed a RouteTable follows, and the
+helpers every store shares (newest activity wins; route data as a row)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
 from hubproxy.routing import RouteTable
 from hubproxy.store import MemoryStore, RouteStore, StoreSpecError, open_store
+from hubproxy.store.base import decode_row, encode_row, keep_newest, merge_newest
 
 
 @pytest.fixture
@@ -212,3 +215,60 @@ async def test_activity_is_not_a_change(store: MemoryStore) -> None:
     await store.remove("/a")
     await store.remove("/a")
     assert events == [("reset", ""), ("set", "/a"), ("removed", "/a")]
+
+
+# -- what every store shares (store/base.py): newest activity wins, rows ------------------------
+
+T0 = datetime(2000, 1, 1, tzinfo=UTC)
+T1 = T0 + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("current", "mark", "kept"),
+    [
+        (None, T0, T0),  # nothing kept yet
+        (T0, T1, T1),
+        (T1, T0, T1),
+        (T0, T0.astimezone(timezone(timedelta(hours=2))), T0),  # a tie keeps what was there
+        (datetime(2000, 1, 1), T1, T1),  # naive is UTC
+        (datetime(2000, 1, 1, 0, 0, 2), T1, datetime(2000, 1, 1, 0, 0, 2)),
+        ("2000-01-01", T0, T0),  # plain data a client stored is no time
+        (None, 5.0, 5.0),  # the flusher's wall-clock seconds
+        (6.0, 5.0, 6.0),
+        (5.0, 6.0, 6.0),
+    ],
+)
+def test_keep_newest(current: object, mark: Any, kept: Any) -> None:
+    assert keep_newest(current, mark) == kept
+    assert type(keep_newest(current, mark)) is type(kept)
+
+
+def test_merge_newest() -> None:
+    routes: dict[str, dict[str, Any]] = {
+        "/old": {"target": "x", "last_activity": T0},
+        "/new": {"target": "x", "last_activity": T1},
+        "/none": {"target": "x"},
+    }
+    merge_newest(routes, {"/old": T1, "/new": T0, "/none": T0, "/gone": T1})
+    assert {k: v["last_activity"] for k, v in routes.items()} == {
+        "/old": T1,
+        "/new": T1,
+        "/none": T0,
+    }
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"target": "http://x", "last_activity": T0.replace(microsecond=123456)},
+        {"target": "http://x"},
+        {"target": "http://x", "last_activity": "yesterday"},  # not a time: plain data
+        {"target": "http://x", "user": "秀樹", "nested": {"a": [1, None]}},
+    ],
+)
+def test_encode_row_and_back(data: dict[str, Any]) -> None:
+    text, micros = encode_row(data)
+    assert text.isascii()
+    assert (micros is None) == (not isinstance(data.get("last_activity"), datetime))
+    assert "last_activity" not in text or micros is None
+    assert decode_row(text, micros) == data

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from hubproxy.routing import RouteTable
-from hubproxy.store.base import RouteStore, StoreUnavailable
+from hubproxy.store.base import RouteStore, StoreUnavailable, keep_newest
 
 log = logging.getLogger("hubproxy")
 
@@ -51,8 +51,7 @@ class ActivityFlusher:
         if self._kept:
             kept, self._kept = self._kept, {}
             for key, ts in marks.items():
-                if ts > kept.get(key, 0.0):
-                    kept[key] = ts
+                kept[key] = keep_newest(kept.get(key), ts)
             marks = kept
         if not marks:
             return
@@ -62,8 +61,7 @@ class ActivityFlusher:
             await self._store.record_activity(batch)
         except BaseException as e:
             for key, ts in marks.items():  # (marks made meanwhile are in the table still)
-                if ts > self._kept.get(key, 0.0):
-                    self._kept[key] = ts
+                self._kept[key] = keep_newest(self._kept.get(key), ts)
             if not isinstance(e, StoreUnavailable):
                 raise
             if not self._unavailable:

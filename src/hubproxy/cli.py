@@ -13,10 +13,6 @@ read like commander's (CHP's parser) and exit 1:
 Two errors CHP reports through its log (stdout) after parsing are reported the same way here:
 `--redirect-port` without a certificate and `--error-target` together with `--error-path`.
 
-Options whose feature is not built yet are parsed, then refused in one place, `NOT_SUPPORTED_YET`
-(`<option> is not supported yet`, exit 1): nothing on the command line is ever silently ignored.
-The issue that implements a feature deletes its entries there.
-
 `main()` is what the `hubproxy` and `configurable-http-proxy` scripts and `python -m hubproxy`
 run; it returns the process's exit code.
 """
@@ -28,7 +24,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from hubproxy import __version__
@@ -38,10 +34,6 @@ from hubproxy.logs import LEVELS, setup_logging
 from hubproxy.proxy.target import TargetError, parse_target
 
 log = logging.getLogger("hubproxy")
-
-# The options accepted but not implemented yet: (option as the message names it, "is it in use?").
-# Each later issue deletes the entries it implements.
-NOT_SUPPORTED_YET: tuple[tuple[str, Callable[[Config], bool]], ...] = ()
 
 # winston's levels, most to least severe (CHP documents the first four)
 LOG_LEVELS = ("error", "warn", "info", "http", "verbose", "debug", "silly")
@@ -277,16 +269,7 @@ def _build_parser(prog: str) -> _Parser:
     for action in p._actions:  # argparse's defaults are ours to fill in, see _config
         if action.dest not in ("help", "version"):
             action.default = argparse.SUPPRESS
-    _mark_not_supported(p)
     return p
-
-
-def _mark_not_supported(p: argparse.ArgumentParser) -> None:
-    """Flag, in --help, the options refused as a whole (not those refused for some values)."""
-    names = {label for label, _ in NOT_SUPPORTED_YET if " " not in label}
-    for action in p._actions:
-        if any(opt in names for opt in action.option_strings) and action.help:
-            action.help += " [not supported yet]"
 
 
 def _normalise(argv: Sequence[str], p: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
@@ -573,14 +556,6 @@ def check(config: Config) -> None:
         raise ConfigError(f"--error-path {config.error_path} is not a directory.")
 
 
-def not_supported(config: Config) -> str | None:
-    """The first option in use whose feature is not built yet, as a one-line message."""
-    for label, in_use in NOT_SUPPORTED_YET:
-        if in_use(config):
-            return f"{label} is not supported yet"
-    return None
-
-
 def _prog() -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return name if name in ("hubproxy", "configurable-http-proxy") else "hubproxy"
@@ -605,10 +580,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         check(config)
     except ConfigError as e:
         log.error("%s", e)
-        return 1
-    unsupported = not_supported(config)
-    if unsupported:
-        print(unsupported, file=sys.stderr)
         return 1
 
     from hubproxy.app import run  # the heavy imports, only once the command line is good

@@ -19,6 +19,7 @@ import urllib.parse
 from aiohttp import web
 
 from hubproxy.aioweb import ServerLog, start_site
+from hubproxy.proxy.paths import split_host
 
 NO_HOST = (
     "This server is HTTPS-only on port {port}, but an HTTP request was made and the host could "
@@ -26,17 +27,9 @@ NO_HOST = (
 )
 
 
-def host_without_port(host: str) -> str:
-    """`example.org:80` -> `example.org`; `[::1]:80` -> `[::1]`."""
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    return host.partition(":")[0]
-
-
 def location(host: str, port: int, target: str) -> str:
     """Where a request for `target` with `Host: host` is sent (`port` is the HTTPS port)."""
-    authority = host_without_port(host)
+    authority = split_host(host)[0]
     if port != 443:
         authority += f":{port}"
     if not target.startswith("/"):  # absolute-form (`http://h/x`) or `*`

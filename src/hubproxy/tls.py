@@ -350,7 +350,7 @@ class ReloadableTLS:
 
     def look(self) -> _Signature:
         """The files' identity and age (a replaced, rewritten or re-linked file changes it)."""
-        signature = []
+        signature: list[tuple[int, int, int, int] | None] = []
         for path in self.files:
             try:
                 st = os.stat(path)

@@ -2,8 +2,11 @@
 
 Every test here is marked `integration` (select with `pytest -m integration`, leave out with
 `-m "not integration"`); they run in the default `python -m pytest` as well. They need the
-`jupyterhub` extra (`pip install -e '.[jupyterhub]'`, included in `.[test]`) and skip, naming
-what is missing, without it. The outage measurements they take are printed at the end of the run.
+`integration` extra (`pip install -e '.[test,integration]'`; `.[test]` alone does not install
+JupyterHub) and skip, naming what is missing, without it: each test module first imports
+JupyterHub and requests with `pytest.importorskip`, and the hook below marks the tests skipped
+when anything else they need is missing. The outage measurements they take are printed at the
+end of the run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+INSTALL = "pip install -e '.[test,integration]'"
 _NEEDED = ("jupyterhub", "jupyter_server", "ipykernel", "requests", "websockets")
 _MISSING = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
 
@@ -33,11 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.integration)
             if _MISSING:
-                item.add_marker(
-                    pytest.mark.skip(
-                        reason=f"needs {', '.join(_MISSING)}: pip install -e '.[jupyterhub]'"
-                    )
-                )
+                item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(_MISSING)}: {INSTALL}"))
 
 
 @pytest.hookimpl(hookwrapper=True)

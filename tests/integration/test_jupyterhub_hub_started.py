@@ -21,6 +21,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# without the `integration` extra, this module is skipped (as a whole, before its imports)
+pytest.importorskip("jupyterhub", reason="needs jupyterhub: pip install -e '.[test,integration]'")
+pytest.importorskip("requests", reason="needs requests: pip install -e '.[test,integration]'")
+
 import requests
 from jhub import (
     BIN_DIR,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from hubproxy.config import Config
+from hubproxy.proxy.paths import split_host
 from hubproxy.proxy.target import DEFAULT_PORTS, Target
 
 Headers = list[tuple[bytes, bytes]]
@@ -86,16 +87,6 @@ class RequestHead(NamedTuple):
     host: bytes | None  # the client's Host header
 
 
-def _port_of(host: bytes | None) -> bytes | None:
-    if not host:
-        return None
-    if host.startswith(b"["):
-        _, _, rest = host.partition(b"]")
-        return rest[1:] if rest.startswith(b":") and rest[1:].isdigit() else None
-    _, colon, port = host.partition(b":")
-    return port if colon and port.isdigit() else None
-
-
 def build_request_head(
     rules: ForwardRules,
     method: bytes,
@@ -149,7 +140,9 @@ def build_request_head(
     elif not rules.custom_host:
         out += (b"Host: ", target.netloc if host is None else host, b"\r\n")
     if rules.x_forward:
-        port = _port_of(host) or (b"443" if proto in (b"https", b"wss") else b"80")
+        port = split_host(host)[1] if host else None
+        if port is None:
+            port = b"443" if proto in (b"https", b"wss") else b"80"
         forwarded = [
             (b"x-forwarded-for", b"X-Forwarded-For: ", xff, client_ip),
             (b"x-forwarded-port", b"X-Forwarded-Port: ", xfport, port),

@@ -4,14 +4,17 @@ Pure functions of bytes, so they are tested as tables of cases. CHP parses the r
 a WHATWG URL; the parts of that which matter are done here: dot segments (also `%2e`) resolved,
 `\\` read as `/`, an absolute-form target reduced to its path. The common case, a plain path
 with none of those characters, is recognised by a few substring checks and left untouched.
+`split_host` cuts a Host value into name and port, for host routing, X-Forwarded-Port and the
+redirect listener alike.
 """
 
 from __future__ import annotations
 
 import re
-import urllib.parse
+from typing import AnyStr
 
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+from hubproxy.jscompat import decode_uri_component
+
 _SCHEME = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://")
 # bytes WHATWG percent-encodes in a path (beyond what the HTTP parser already refuses)
 _PATH_ENCODE = re.compile(rb'[\x00-\x20"<>`{}\x7f-\xff]')
@@ -67,13 +70,10 @@ def _normalise(path: bytes) -> bytes:
 
 def decode_path(path: bytes) -> str:
     """Percent-decode strictly as UTF-8, as JavaScript's decodeURIComponent does."""
-    if b"%" not in path:
-        return path.decode("latin-1")  # the HTTP parser only lets ASCII through
-    if _BAD_ESCAPE.search(path):
-        raise BadPath("URI malformed")
     try:
-        return urllib.parse.unquote_to_bytes(path).decode("utf-8")
-    except UnicodeDecodeError as e:
+        # latin-1 maps bytes to characters one to one; the HTTP parser only lets ASCII through
+        return decode_uri_component(path.decode("latin-1"))
+    except ValueError as e:
         raise BadPath("URI malformed") from e
 
 
@@ -83,15 +83,7 @@ def host_key(host: bytes | None, path: str) -> str:
     The host keeps its case (CHP's lookup is case-sensitive); a missing Host gives CHP's
     `undefined`; a bracketed IPv6 literal keeps its brackets.
     """
-    if host is None:
-        name = "undefined"
-    else:
-        text = host.decode("latin-1")
-        if text.startswith("["):
-            end = text.find("]")
-            name = text[: end + 1] if end >= 0 else text
-        else:
-            name = text.partition(":")[0]
+    name = "undefined" if host is None else split_host(host.decode("latin-1"))[0]
     return "/" + name + path
 
 
@@ -120,3 +112,27 @@ def join_paths(target_path: bytes, target_query: bytes, path: bytes, query: byte
     if target_query or query:
         return joined + b"?" + (target_query or query)
     return joined
+
+
+def split_host(host: AnyStr) -> tuple[AnyStr, AnyStr | None]:
+    """(name, port) of a Host header's value, as str or bytes: `example.org:80` -> `example.org`
+    and `80`; `[::1]:80` -> `[::1]` and `80` (a bracketed IPv6 literal keeps its brackets).
+
+    The port is None when there is none, or when it is not all ASCII digits; a `[` that is never
+    closed leaves the whole value as the name.
+    """
+    if isinstance(host, str):
+        colon, bracket, close = ":", "[", "]"
+    else:
+        colon, bracket, close = b":", b"[", b"]"
+    if host.startswith(bracket):
+        end = host.find(close)
+        if end < 0:
+            return host, None
+        name, rest = host[: end + 1], host[end + 1 :]
+        port = rest[1:] if rest.startswith(colon) else None
+    else:
+        name, found, port = host.partition(colon)
+        if not found:
+            return name, None
+    return name, port if port and port.isascii() and port.isdigit() else None

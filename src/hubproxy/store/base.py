@@ -15,11 +15,13 @@ them). Any method may raise `StoreUnavailable` when the backing service is down;
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 RouteData = dict[str, Any]
+_Time = TypeVar("_Time", float, datetime)
 
 
 class ChangeListener(Protocol):
@@ -70,6 +72,66 @@ def to_micros(when: datetime) -> int:
 def from_micros(micros: int) -> datetime:
     """The aware UTC datetime for `to_micros`'s number (exact both ways)."""
     return _EPOCH + timedelta(microseconds=micros)
+
+
+def _aware(when: datetime) -> datetime:
+    """Naive datetimes are UTC by the stores' convention (never compare naive with aware)."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+# -- newest activity wins -------------------------------------------------------------------------
+
+
+def keep_newest(current: object, mark: _Time) -> _Time:
+    """The later of a time already kept and a new activity mark (a tie keeps `current`).
+
+    `current` loses when it is no time of the mark's kind: None (nothing kept yet), or a route's
+    `last_activity` that a client stored as plain data. Naive datetimes are UTC.
+    """
+    if isinstance(mark, datetime):
+        if isinstance(current, datetime) and _aware(current) >= _aware(mark):
+            return current
+        return mark
+    if isinstance(current, float) and current >= mark:
+        return current
+    return mark
+
+
+def merge_newest(routes: Mapping[str, RouteData], marks: Mapping[str, datetime]) -> None:
+    """Record activity marks in route data, in place: each route's `last_activity` becomes the
+    newer of the two times. Marks of routes not in `routes` are dropped (activity never creates
+    a route)."""
+    for key, when in marks.items():
+        route = routes.get(key)
+        if route is not None:
+            route["last_activity"] = keep_newest(route.get("last_activity"), when)
+
+
+# -- route data as a row: how the SQLite and Redis stores keep it ---------------------------------
+
+
+def encode_row(data: Mapping[str, Any]) -> tuple[str, int | None]:
+    """(JSON of the data without a datetime `last_activity`, that time in microseconds or None).
+
+    The time is kept apart so that a store can merge activity (newest wins) without parsing the
+    JSON. The JSON is ASCII only: a lone surrogate (valid in a JSON body) can never fail the
+    encoding of a whole batch or command.
+    """
+    activity = data.get("last_activity")
+    if isinstance(activity, datetime):
+        data = {k: v for k, v in data.items() if k != "last_activity"}
+        micros: int | None = to_micros(activity)
+    else:
+        micros = None
+    return json.dumps(data, separators=(",", ":")), micros
+
+
+def decode_row(text: str, micros: int | None) -> RouteData:
+    """The route data that `encode_row` gave (text, micros) for."""
+    data: RouteData = json.loads(text)
+    if micros is not None:
+        data["last_activity"] = from_micros(micros)
+    return data
 
 
 @runtime_checkable

@@ -8,9 +8,9 @@ which callers only read (see the protocol).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 
-from hubproxy.store.base import ChangeListener, RouteData, copy_data
+from hubproxy.store.base import ChangeListener, RouteData, copy_data, merge_newest
 
 
 class MemoryStore:
@@ -56,19 +56,8 @@ class MemoryStore:
         return True
 
     async def record_activity(self, activity: Mapping[str, datetime]) -> None:
-        for key, when in activity.items():
-            route = self._routes.get(key)
-            if route is None:
-                continue
-            previous = route.get("last_activity")
-            if not isinstance(previous, datetime) or _aware(when) > _aware(previous):
-                route["last_activity"] = when
+        merge_newest(self._routes, activity)
 
     def watch(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
         listener.routes_reset(self._routes)
-
-
-def _aware(when: datetime) -> datetime:
-    """Naive datetimes are UTC by the store's convention (never compare naive with aware)."""
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)

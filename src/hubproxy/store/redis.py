@@ -63,7 +63,10 @@ from hubproxy.store.base import (
     StoreSpecError,
     StoreUnavailable,
     copy_data,
+    decode_row,
+    encode_row,
     from_micros,
+    merge_newest,
     to_micros,
 )
 
@@ -206,20 +209,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def _encode(data: Mapping[str, Any]) -> tuple[str, str]:
-    """(JSON of the data without a datetime last_activity, that time in microseconds or '')."""
-    activity = data.get("last_activity")
-    if isinstance(activity, datetime):
-        data = {k: v for k, v in data.items() if k != "last_activity"}
-        return json.dumps(data, separators=(",", ":")), str(to_micros(activity))
-    return json.dumps(data, separators=(",", ":")), ""
+def _activity_field(micros: int | None) -> str:
+    """A route's activity as Redis keeps it: the microseconds as text, '' for none."""
+    return "" if micros is None else str(micros)
 
 
-def _decode(text: str, activity: str | None) -> RouteData:
-    data: RouteData = json.loads(text)
-    if activity:
-        data["last_activity"] = from_micros(int(activity))
-    return data
+def _micros(field: str | None) -> int | None:
+    """`_activity_field` undone (None: a field that is missing)."""
+    return int(field) if field else None
 
 
 class RedisStore:
@@ -316,7 +313,7 @@ class RedisStore:
                 raise
             data = self._routes.get(key)
             return dict(data) if data is not None else None
-        return _decode(text, activity) if text is not None else None
+        return decode_row(text, _micros(activity)) if text is not None else None
 
     async def get_all(self) -> dict[str, RouteData]:
         try:
@@ -330,7 +327,8 @@ class RedisStore:
     # -- writes: one script each, acknowledged once Redis ran it -----------------------------------
 
     async def add(self, key: str, data: RouteData) -> None:
-        text, activity = _encode(data)
+        text, micros = encode_row(data)
+        activity = _activity_field(micros)
         version = await self._call(
             self._add, keys=self._keys, args=[self.channel, key, text, activity]
         )
@@ -386,13 +384,8 @@ class RedisStore:
             for key, micros in marks[start : start + ACTIVITY_CHUNK]:
                 args += [key, micros]
             await self._call(self._record, keys=keys, args=args)
-        for key, micros in marks:  # this replica's view follows, for reads while Redis is away
-            route = self._routes.get(key)
-            if route is None:
-                continue
-            previous = route.get("last_activity")
-            if not isinstance(previous, datetime) or to_micros(previous) < micros:
-                route["last_activity"] = from_micros(micros)
+        # this replica's view follows, for reads while Redis is away
+        merge_newest(self._routes, {key: from_micros(micros) for key, micros in marks})
 
     # -- calling Redis -----------------------------------------------------------------------------
 
@@ -443,7 +436,7 @@ class RedisStore:
 
     def _apply(self, version: int, op: str, key: str, text: str, activity: str | None) -> None:
         if op == "set":
-            data = _decode(text, activity)
+            data = decode_row(text, _micros(activity))
             old = self._routes.get(key)
             if activity is None and old is not None and "last_activity" in old:
                 data["last_activity"] = old["last_activity"]
@@ -520,8 +513,8 @@ class RedisStore:
         for start in range(0, len(items), RESTORE_CHUNK):
             args: list[str] = [self.channel]
             for key, data in items[start : start + RESTORE_CHUNK]:
-                text, activity = _encode(data)
-                args += [key, text, activity]
+                text, micros = encode_row(data)
+                args += [key, text, _activity_field(micros)]
             added += int(await self._restore(keys=self._keys, args=args))
         return added
 

@@ -33,14 +33,13 @@ upsert preserves (re-adding a key keeps its place, spec §2.3).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from hubproxy.store.base import (
     ChangeListener,
@@ -48,7 +47,10 @@ from hubproxy.store.base import (
     StoreSpecError,
     StoreUnavailable,
     copy_data,
+    decode_row,
+    encode_row,
     from_micros,
+    merge_newest,
     to_micros,
 )
 
@@ -81,25 +83,6 @@ _Op = tuple[Callable[[sqlite3.Connection, Any], Any], Any, asyncio.Future[Any]]
 _Rows = list[tuple[str, str, int | None]]
 
 
-def _encode(data: Mapping[str, Any]) -> tuple[str, int | None]:
-    """(JSON of the data without a datetime last_activity, that time in microseconds or None)."""
-    activity = data.get("last_activity")
-    if isinstance(activity, datetime):
-        data = {k: v for k, v in data.items() if k != "last_activity"}
-        micros: int | None = to_micros(activity)
-    else:
-        micros = None
-    # ASCII only: a lone surrogate (valid in a JSON body) can never fail the encoding of a batch
-    return json.dumps(data, separators=(",", ":")), micros
-
-
-def _decode(text: str, micros: int | None) -> RouteData:
-    data: RouteData = json.loads(text)
-    if micros is not None:
-        data["last_activity"] = from_micros(micros)
-    return data
-
-
 class SQLiteStore:
     def __init__(self, path: str, synchronous: str = "FULL", spec: str | None = None) -> None:
         self.path = path
@@ -128,7 +111,7 @@ class SQLiteStore:
             raise StoreSpecError(
                 f"--storage-backend {self._spec}: cannot open {self.path}: {e}"
             ) from None
-        self._routes = {key: _decode(text, micros) for key, text, micros in rows}
+        self._routes = {key: decode_row(text, micros) for key, text, micros in rows}
         log.info("Loaded %d routes from %s", len(self._routes), self.path)
 
     async def close(self) -> None:
@@ -155,7 +138,7 @@ class SQLiteStore:
 
     async def add(self, key: str, data: RouteData) -> None:
         key.encode("utf-8")  # a key SQLite cannot take fails here, not inside a shared batch
-        text, micros = _encode(data)
+        text, micros = encode_row(data)
         await self._write(_add, (key, text, micros))
 
     async def update(self, key: str, data: RouteData) -> None:
@@ -201,7 +184,7 @@ class SQLiteStore:
 
     def _apply_add(self, arg: tuple[str, str, int | None], _result: Any) -> None:
         key, text, micros = arg
-        self._routes[key] = data = _decode(text, micros)
+        self._routes[key] = data = decode_row(text, micros)
         for listener in self._listeners:
             listener.route_set(key, data)
 
@@ -211,7 +194,7 @@ class SQLiteStore:
         if result is None:
             return  # the route was missing and stays missing
         key, changes = arg
-        data = _decode(*result)
+        data = decode_row(*result)
         self._routes[key] = data
         if "target" in changes:
             for listener in self._listeners:
@@ -223,13 +206,7 @@ class SQLiteStore:
                 listener.route_removed(key)
 
     def _apply_activity(self, marks: list[tuple[int, str]], _result: Any) -> None:
-        for micros, key in marks:
-            route = self._routes.get(key)
-            if route is None:
-                continue
-            previous = route.get("last_activity")
-            if not isinstance(previous, datetime) or to_micros(previous) < micros:
-                route["last_activity"] = from_micros(micros)
+        merge_newest(self._routes, {key: from_micros(micros) for micros, key in marks})
 
     def _reload(self, routes: dict[str, RouteData]) -> None:
         """Another process changed the file: the mirror becomes what the file holds."""
@@ -252,6 +229,8 @@ class SQLiteStore:
         loop.call_soon_threadsafe(_settle, opened, rows, None)
         try:
             while True:
+                # an operation, None (close), or False (nothing came: poll for other processes)
+                first: _Op | Literal[False] | None
                 try:
                     first = self._queue.get(timeout=POLL_SECONDS)
                 except queue.Empty:
@@ -273,7 +252,7 @@ class SQLiteStore:
                     if version != seen:
                         seen = version
                         # decoded here, not on the event loop (10,000 routes: ~20 ms)
-                        fresh = {key: _decode(text, us) for key, text, us in _load(conn)}
+                        fresh = {key: decode_row(text, us) for key, text, us in _load(conn)}
                         log.info("%s changed by another process: reloaded", self.path)
                         loop.call_soon_threadsafe(self._reload, fresh)
                 except sqlite3.Error as e:
@@ -346,9 +325,9 @@ def _update(conn: sqlite3.Connection, arg: tuple[str, RouteData]) -> tuple[str, 
     row = conn.execute("SELECT data, last_activity FROM routes WHERE key = ?", (key,)).fetchone()
     if row is None:
         return None
-    data = _decode(*row)
+    data = decode_row(*row)
     data.update(changes)  # CHP's update: a shallow merge; a given last_activity replaces the old
-    text, micros = _encode(data)
+    text, micros = encode_row(data)
     conn.execute("UPDATE routes SET data = ?, last_activity = ? WHERE key = ?", (text, micros, key))
     return text, micros
 
@@ -374,7 +353,7 @@ def _load(conn: sqlite3.Connection) -> _Rows:
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
-    return conn.execute("PRAGMA data_version").fetchone()[0]
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
