@@ -55,6 +55,7 @@ from hubproxy.config import Config
 from hubproxy.jscompat import (
     decode_uri_component,
     epoch_ms,
+    format_js_date,
     json_bytes,
     json_parse,
     parse_js_date,
