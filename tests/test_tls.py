@@ -222,6 +222,21 @@ def peer_serial(port: int, context: ssl.SSLContext) -> str:
         return str(tls.getpeercert()["serialNumber"])
 
 
+def open_websocket(sock: socket.socket) -> None:
+    """Upgrade to a WebSocket on `sock` (ws_app's /ws) and read up to its first message."""
+    sock.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: example.org\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    seen = b""
+    while b"connected" not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, seen
+        seen += chunk
+    assert seen.startswith(b"HTTP/1.1 101 ")
+
+
 def run_to_exit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the proxy expecting it to stop by itself (a start-up error)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGPROXY_")}
@@ -321,17 +336,7 @@ def test_tls_client_ending_a_tunnel_is_quiet(
     proxy = start_proxy(*server_tls(pki), "--default-target", backend.url)
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        tls.sendall(
-            b"GET /ws HTTP/1.1\r\nHost: example.org\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        seen = b""
-        while b"connected" not in seen:
-            chunk = tls.recv(4096)
-            assert chunk, seen
-            seen += chunk
-        assert seen.startswith(b"HTTP/1.1 101 ")
+        open_websocket(tls)
         with contextlib.suppress(OSError):
             tls.unwrap()  # close_notify, while the tunnel is open
     deadline = time.monotonic() + 10
@@ -903,17 +908,7 @@ def test_client_eof_on_a_tunnel_to_an_https_target_ends_both_legs(
     backend = start_tls_backend(tls_server_context(pki.backend), ws_app())
     proxy = start_proxy("--insecure", "--default-target", backend.url)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(
-            b"GET /ws HTTP/1.1\r\nHost: example.org\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        seen = b""
-        while b"connected" not in seen:
-            chunk = sock.recv(4096)
-            assert chunk, seen
-            seen += chunk
-        assert seen.startswith(b"HTTP/1.1 101 ")
+        open_websocket(sock)
         sock.shutdown(socket.SHUT_WR)
-        while chunk := sock.recv(4096):  # the end, not the 10 s timeout (socket.timeout)
+        while sock.recv(4096):  # until the end, not the 10 s timeout (socket.timeout)
             pass
