@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[hub day] {', '.join(names)} side by side, {m.users} users, {m.load_s:.0f} s ...",
               flush=True)  # fmt: skip
         t_day = time.perf_counter()
-        results["hub_day"] = day = hubday.run(specs, mode.name, args.out)
-        hub_day_files(day)
-        print(f"[hub day] {'ok' if not day['error'] else day['error']} "
+        results["hub_day"] = hub = hubday.run(specs, mode.name, args.out)
+        hub_day_files(hub)
+        print(f"[hub day] {'ok' if not hub['error'] else hub['error']} "
               f"[{time.perf_counter() - t_day:.0f} s]", flush=True)  # fmt: skip
     results["elapsed_s"] = time.perf_counter() - t0
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(name, r) for name, p in results["proxies"].items() for r in p["runs"]]
     if runs:
         print(report.console(results))
-    day = results.get("hub_day")
+    day: dict[str, Any] | None = results.get("hub_day")
     if day:
         print(hubday_report.console(day))
         print(f"hub day files: {day['dir']}")

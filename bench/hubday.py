@@ -445,7 +445,8 @@ class World:
 
 def where(task: asyncio.Task[Any]) -> str:
     """The chain of awaits a task is suspended in: function:line, outermost first."""
-    out, coro = [], task.get_coro()
+    out: list[str] = []
+    coro: Any = task.get_coro()
     while coro is not None and len(out) < 20:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
         if frame is not None:
