@@ -420,17 +420,20 @@ class World:
                 self.active -= 1
                 self.dead += 1
                 await self.control("POST", f"/kill?port={port}")
+                browser.closing = True
                 await cancel([*live, *([upload] if upload else [])])
+                browser.closing = False
                 retry = [asyncio.create_task(browser.retry_api()),
                          asyncio.create_task(browser.retry_ws())]  # fmt: skip
                 await sleep_until(t0 + s.notice)
+                browser.closing = True
                 await cancel(retry)
             else:
                 if upload is not None and not upload.done():
-                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(asyncio.shield(upload), m.upload_s + 30)
+                    await asyncio.wait([upload], timeout=m.upload_s + 30)
                     if not upload.done():
                         self.tally.fail("upload_unfinished", False, "still going at stop")
+                browser.closing = True
                 await cancel([*live, *([upload] if upload else [])])
                 self.active -= 1
         finally:
@@ -462,11 +465,19 @@ async def sleep_until(t: float) -> None:
 
 
 async def cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel and wait, again if a task lived through it (a cancellation can be lost when
+    what it awaited ended at the same moment); at most 10 s. The loops also stop on their
+    own when their browser is closing."""
+    for _ in range(20):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
     for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure was counted where it happened
 
 
 def jitter(rng: random.Random, every: float) -> float:
@@ -479,6 +490,7 @@ class Browser:
 
     def __init__(self, world: World, user: User, rng: random.Random) -> None:
         self.world, self.user, self.rng = world, user, rng
+        self.closing = False  # every loop ends when this is set (and on cancellation)
         self.base = f"http://127.0.0.1:{world.port}/user/{user.name}"
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=6, keepalive_timeout=30),
@@ -526,12 +538,12 @@ class Browser:
         await asyncio.gather(*(self.fetch(f"/static/lab/{i}.js") for i in range(n)))
 
     async def pages(self) -> None:
-        while True:
+        while not self.closing:
             await asyncio.sleep(jitter(self.rng, self.world.mode.page_every))
             await self.page_load()
 
     async def polls(self) -> None:
-        while True:
+        while not self.closing:
             await asyncio.sleep(jitter(self.rng, self.world.mode.poll_every))
             for what in ("kernels", "sessions", "contents"):
                 await self.fetch(f"/api/{what}")
@@ -539,25 +551,24 @@ class Browser:
     async def kernel(self) -> None:
         """The kernel's channels: a small message every ws_every s, its echo timed."""
         tally, every = self.world.tally, self.world.mode.ws_every
-        while True:
+        while not self.closing:
             try:
-                ws = await asyncio.wait_for(
-                    self.http.ws_connect(
+                async with asyncio.timeout(30):
+                    ws = await self.http.ws_connect(
                         f"{self.base}/api/kernels/{self.kernel_id}/channels", autoping=False
-                    ),
-                    30,
-                )
+                    )
             except Exception as exc:
                 self.fail(classify(exc), repr(exc))
                 await asyncio.sleep(1)
                 continue
             tally.note("ws_open")
             try:
-                while True:
+                while not self.closing:
                     await asyncio.sleep(jitter(self.rng, every))
                     start = time.monotonic()
                     await ws.send_str(KERNEL_MSG)
-                    msg = await asyncio.wait_for(ws.receive(), 30)
+                    async with asyncio.timeout(30):
+                        msg = await ws.receive()
                     if msg.type != aiohttp.WSMsgType.TEXT or msg.data != KERNEL_MSG:
                         self.fail("ws_closed", f"{msg.type}")
                         break
@@ -566,7 +577,8 @@ class Browser:
                 self.fail(f"ws_{classify(exc)}", repr(exc))
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.close(), 2)
+                    async with asyncio.timeout(2):
+                        await ws.close()
             await asyncio.sleep(1)
 
     async def download(self, at: float) -> None:
@@ -624,17 +636,18 @@ class Browser:
 
     async def retry_api(self) -> None:
         """JupyterLab after its server died: its API calls fail and are tried again."""
-        while True:
+        while not self.closing:
             await self.fetch("/api/kernels", "req")
             await asyncio.sleep(self.world.mode.retry_every)
 
     async def retry_ws(self) -> None:
         """... and its kernel's WebSocket reconnects."""
         url = f"{self.base}/api/kernels/{self.kernel_id}/channels"
-        while True:
+        while not self.closing:
             start = time.monotonic()
             try:
-                ws = await asyncio.wait_for(self.http.ws_connect(url, autoping=False), 30)
+                async with asyncio.timeout(30):
+                    ws = await self.http.ws_connect(url, autoping=False)
             except Exception as exc:
                 self.fail(classify(exc), repr(exc))
                 self.world.tally.add("dead_ws", time.monotonic() - start)
