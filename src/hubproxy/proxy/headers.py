@@ -299,13 +299,23 @@ def response_framing(
     if head_request or status in (204, 304):
         # no body; llhttp knows it for 204 and 304 but expects one after a HEAD's head
         skip = head_request and length != b"0"
-        return ResponseFraming(RELAY_NONE, False, skip, keep_client)
+        return _FRAMINGS[RELAY_NONE, False, skip, keep_client]
     ends_at_close = length is None and not is_chunked(headers)
     if length is not None:
-        return ResponseFraming(RELAY_AS_IS, ends_at_close, False, keep_client)
+        return _FRAMINGS[RELAY_AS_IS, ends_at_close, False, keep_client]
     if client_http11:
-        return ResponseFraming(RELAY_CHUNKED, ends_at_close, False, keep_client)
-    return ResponseFraming(RELAY_TO_CLOSE, ends_at_close, False, False)
+        return _FRAMINGS[RELAY_CHUNKED, ends_at_close, False, keep_client]
+    return _FRAMINGS[RELAY_TO_CLOSE, ends_at_close, False, False]
+
+
+# every answer response_framing can give, made once (it runs for every response)
+_FRAMINGS = {
+    (relay, ends, skip, keep): ResponseFraming(relay, ends, skip, keep)
+    for relay in (RELAY_NONE, RELAY_AS_IS, RELAY_CHUNKED, RELAY_TO_CLOSE)
+    for ends in (False, True)
+    for skip in (False, True)
+    for keep in (False, True)
+}
 
 
 def keep_alive(http11: bool, headers: Headers) -> bool:

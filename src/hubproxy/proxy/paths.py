@@ -70,8 +70,10 @@ def _normalise(path: bytes) -> bytes:
 
 def decode_path(path: bytes) -> str:
     """Percent-decode strictly as UTF-8, as JavaScript's decodeURIComponent does."""
+    # latin-1 maps bytes to characters one to one; the HTTP parser only lets ASCII through
+    if b"%" not in path:
+        return path.decode("latin-1")  # nearly every path: nothing to decode
     try:
-        # latin-1 maps bytes to characters one to one; the HTTP parser only lets ASCII through
         return decode_uri_component(path.decode("latin-1"))
     except ValueError as e:
         raise BadPath("URI malformed") from e

@@ -198,8 +198,11 @@ class ClientConnection(asyncio.Protocol):
 
     def send_parts(self, parts: list[bytes], now: float) -> None:
         self.last_io = now
-        if parts:
-            self._write(parts[0] if len(parts) == 1 else b"".join(parts))
+        # (written here, not through _write: once per relayed read, one call less counts)
+        if parts and not self.closed and self.transport is not None:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.transport.write(data)
+            self.bytes_sent += len(data)
 
     def _write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -464,7 +467,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             request.websocket = True
         try:
-            target, pool = self.service.pool_for(route.target)
+            target, pool = self.service.pools.pool_for(route.target)
         except TargetError as e:
             self.fail(request, 503 if isinstance(e, UnresolvableTarget) else 500, str(e))
             return
@@ -705,7 +708,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if detail is None:
             try:
-                target = self.service.pool_for(route.target)[0] if route else None
+                target = self.service.pools.pool_for(route.target)[0] if route else None
             except TargetError:
                 target = None
             detail = describe_error(exc, target) if target is not None else str(exc)
