@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from hubproxy.inherit import InheritError, adopt_named, from_systemd
-from redis_server import RedisServer
+from redis_server import RedisServer, free_port
 from support import TOKEN, Backend, Proxy, ws_echo_app
 
 HERE = Path(__file__).parent
@@ -537,3 +537,68 @@ def test_hand_over_with_tls(
     assert conn.getresponse().status == 200
     conn.close()
     assert proxy.proc.poll() is None
+
+
+# --- the hand-over, disturbed ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def draining_proxy(
+    start_proxy: Callable[..., Proxy], start_backend: Callable[..., Backend]
+) -> Iterator[tuple[Proxy, int]]:
+    """A proxy whose hand-over drain is held open by a WebSocket (up to its 4 s drain time);
+    (the proxy, the interim pid) once the drain has begun."""
+    backend = start_backend(ws_echo_app())
+    # ports the OS chose, given explicitly: a proxy that binds anew must find the same ones
+    ports = [str(free_port()), str(free_port())]
+    proxy = start_proxy(
+        "--port", ports[0], "--api-port", ports[1],
+        "--default-target", backend.url, "--drain-timeout", "4000",
+    )  # fmt: skip
+    with ws_connect(f"ws://127.0.0.1:{proxy.port}/ws", open_timeout=30) as ws:
+        ws.send("hold")
+        assert ws.recv(timeout=30) == "hold"
+        proxy.proc.send_signal(signal.SIGUSR2)
+        served = proxy.wait_for_line(r"info: Pid (\d+) serves; draining, then executing")
+        yield proxy, int(served.group(1))
+
+
+def test_a_second_sigusr2_while_draining_is_refused(draining_proxy: tuple[Proxy, int]) -> None:
+    proxy, _ = draining_proxy
+    proxy.proc.send_signal(signal.SIGUSR2)
+    proxy.wait_for_line(r"warn: SIGUSR2 while stopping: ignored")
+    proxy.wait_for_line(rf"info: Pid {proxy.proc.pid} serves again; draining")
+    assert proxy.proc.poll() is None
+    assert proxy.request("GET", "/x")[0] == 200
+
+
+def test_sigterm_while_draining_stops_the_interim_process_too(
+    draining_proxy: tuple[Proxy, int],
+) -> None:
+    proxy, interim = draining_proxy
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(30) == 0
+    proxy.wait_for_line(r"warn: Terminated during the upgrade: stopping the interim process")
+    assert not Path(f"/proc/{interim}").exists(), "the interim process outlived the stop"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+
+
+def test_the_tracked_pid_binds_anew_when_the_interim_process_dies(
+    draining_proxy: tuple[Proxy, int],
+) -> None:
+    """kill -9 of the interim process while the tracked pid drains: the new image finds nobody
+    to take back from, and binds the listeners from its options rather than serve nothing."""
+    proxy, interim = draining_proxy
+    os.kill(interim, signal.SIGKILL)
+    proxy.wait_for_line(r"error: Taking back from the interim process failed .*: binding anew")
+    proxy.wait_for_line(r"info: Proxy API at ", timeout=60)
+    deadline = time.monotonic() + 30
+    while True:  # the last "Proxy API at" line may precede the listener by a moment
+        with contextlib.suppress(OSError):
+            if proxy.request("GET", "/x")[0] == 200:
+                break
+        assert time.monotonic() < deadline, "the tracked pid serves nothing"
+        time.sleep(0.05)
+    assert proxy.proc.poll() is None
+    assert "/" in proxy.routes()

@@ -257,10 +257,22 @@ async def serve(config: Config) -> int | Reexec:
 
     giver_pid: int | None = None
     try:
+        message: dict[str, Any] | None = None
         if taking_over is not None:
             # the giver pauses its API until we serve ours: everything else is built first
-            await taking_over.send({"ask": __version__})
-            message, fds = await taking_over.receive(TAKER_START_SECONDS)
+            try:
+                await taking_over.send({"ask": __version__})
+                message, fds = await taking_over.receive(TAKER_START_SECONDS)
+            except HandoverError as e:
+                if interim:
+                    raise  # the process that started us serves on
+                # we are the tracked pid, executed in place, and the interim process is gone
+                # with the listeners: better our own than none (the memory store's routes
+                # are lost; the hub puts them back)
+                log.error("Taking back from the interim process failed (%s): binding anew", e)
+                taking_over.close()
+                taking_over = None
+        if taking_over is not None and message is not None:
             listeners = _adopt(adopt_listeners(list(message.get("listeners", ())), fds))
             giver_pid = message.get("pid")
             routes = message.get("routes")
@@ -317,6 +329,7 @@ async def serve(config: Config) -> int | Reexec:
     gave_away = False  # the listeners (and their socket files) belong to another process now
     took_over = False  # a taker owns the listeners' socket files once it serves
     upgrade: asyncio.Task[None] | None = None
+    interim_proc: asyncio.subprocess.Process | None = None  # ours, once it serves
     aftercare: set[asyncio.Task[None]] = set()  # giving back (interim), reaping (the exec'd)
 
     async def open_api() -> None:
@@ -348,22 +361,27 @@ async def serve(config: Config) -> int | Reexec:
     async def hand_over() -> None:
         """SIGUSR2: hand over to an interim process, then (run()) execute the new hubproxy in
         place, which takes everything back."""
-        nonlocal handed_over, gave_away
+        nonlocal handed_over, gave_away, interim_proc
         log.info("Upgrading: starting %s -m hubproxy to hand over to", sys.executable)
         proc: asyncio.subprocess.Process | None = None
         pair: Pair | None = None
         try:
             proc, pair = await start_taker(sys.argv[1:])
             pid = await giver(pair).give(proc)
-        except HandoverError as e:
-            log.error("Upgrade failed, serving on: %s", e)
+        except (HandoverError, asyncio.CancelledError) as e:
+            # failed, or we are stopping meanwhile: the new process must not serve on alone
+            if isinstance(e, HandoverError):
+                log.error("Upgrade failed, serving on: %s", e)
             if pair is not None:
                 pair.close()
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+            if isinstance(e, asyncio.CancelledError):
+                raise
             return
+        interim_proc = proc
         log.info("Pid %d serves; draining, then executing the new hubproxy in place", pid)
         handed_over = Reexec(pair)
         gave_away = True
@@ -373,9 +391,15 @@ async def serve(config: Config) -> int | Reexec:
         """The interim process: the tracked pid, now the new hubproxy, takes everything back."""
         nonlocal gave_away
         try:
-            pid = await giver(pair).give()
+            # the tracked pid asks once it has drained (up to --drain-timeout) and started anew
+            pid = await giver(pair).give(wait=TAKER_START_SECONDS + config.drain_seconds)
         except HandoverError as e:
-            log.warning("Hand-over back did not happen (%s): serving on as pid %d", e, os.getpid())
+            log.error(
+                "Hand-over back to the tracked pid did not happen (%s): serving on as pid %d, "
+                "which nothing tracks; restart the service to have a tracked proxy again",
+                e,
+                os.getpid(),
+            )
             pair.close()
             return
         pair.close()
@@ -439,8 +463,12 @@ async def serve(config: Config) -> int | Reexec:
                     f.write(str(os.getpid()))
             except OSError as e:
                 log.error("Cannot write pid file %s: %s", config.pid_file, e.strerror)
-                return 1
-            pid_written = True
+                if taking_over is None:
+                    return 1
+                # executed in place: the pid it holds is still ours, and the interim process
+                # has handed everything over already; stopping now would leave nothing
+            else:
+                pid_written = True
             # logged once written (CHP logs first), so the line tells a reader the file is there
             log.info("Writing pid %s to %s", os.getpid(), config.pid_file)
 
@@ -455,11 +483,14 @@ async def serve(config: Config) -> int | Reexec:
                     aftercare.add(loop.create_task(_reap(giver_pid)))
 
         await stop.wait()
-        log.warning("%s", stop_reason[0])
+        (log.info if gave_away else log.warning)("%s", stop_reason[0])
     finally:
-        loop.remove_signal_handler(signal.SIGUSR2)
+        # (removing the handler would let a second SIGUSR2 end the process while it drains)
+        loop.add_signal_handler(signal.SIGUSR2, log.warning, "SIGUSR2 while stopping: ignored")
         if upgrade is not None and not upgrade.done():
             upgrade.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upgrade
         if plane is not None:
             plane.stop_accepting()
         if tls.sides:
@@ -483,10 +514,22 @@ async def serve(config: Config) -> int | Reexec:
         await flusher.stop()
         await store.close()
         listeners.close(remove_files=not gave_away and (taking_over is None or took_over))
+        if interim and taking_over is not None:
+            taking_over.close()  # a give-back still waiting on it ends (its thread too)
         if pid_written and config.pid_file and handed_over is None:
             log.debug("Removing %s", config.pid_file)
             with contextlib.suppress(OSError):
                 os.unlink(config.pid_file)
+    if handed_over is not None and len(stop_reason) > 1:
+        # told to stop while we drained after handing over: the interim process stops too,
+        # rather than this pid taking everything back
+        log.warning("%s during the upgrade: stopping the interim process too", stop_reason[1])
+        handed_over.pair.close()  # first: it waits on the pair for us
+        if interim_proc is not None and interim_proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                interim_proc.send_signal(signal.SIGTERM)
+            await interim_proc.wait()
+        return 0
     return handed_over if handed_over is not None else 0
 
 

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -70,7 +71,10 @@ class Pair:
         return cls(sock)
 
     async def send(self, message: Mapping[str, Any], fds: list[int] | None = None) -> None:
-        await asyncio.to_thread(self._send, message, fds or [])
+        try:
+            await asyncio.to_thread(self._send, message, fds or [])
+        except OSError as e:  # the other process is gone (a broken pipe)
+            raise HandoverError(f"the other process: {e}") from e
 
     def _send(self, message: Mapping[str, Any], fds: list[int]) -> None:
         data = json.dumps(message, default=_encode).encode()
@@ -117,6 +121,10 @@ class Pair:
         return chunk
 
     def close(self) -> None:
+        # shutdown first: it wakes a thread blocked reading this end (close alone does not),
+        # which would otherwise keep the process from exiting
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 
@@ -172,10 +180,12 @@ class Giver:
         self.resume = resume
         self.routes = routes
 
-    async def give(self, taker: asyncio.subprocess.Process | None = None) -> int:
+    async def give(
+        self, taker: asyncio.subprocess.Process | None = None, wait: float = TAKER_START_SECONDS
+    ) -> int:
         """The taker's pid, once it serves. `taker`: the process, if we started it (its exit
-        ends the wait at once)."""
-        await self._word(taker)  # {"ask": version}
+        ends the wait at once); `wait`: how long it may take to ask."""
+        await self._word(taker, wait)  # {"ask": version}
         await self.pause()
         try:
             await self.pair.send(
@@ -186,15 +196,15 @@ class Giver:
                 },
                 [sock.fileno() for _, sock in self.listeners],
             )
-            serving = await self._word(taker)
+            serving = await self._word(taker, TAKER_START_SECONDS)
         except BaseException:
             await self.resume()
             raise
         pid = serving.get("serving")
         return pid if isinstance(pid, int) else -1
 
-    async def _word(self, taker: asyncio.subprocess.Process | None) -> dict[str, Any]:
-        receiving = asyncio.ensure_future(self.pair.receive(TAKER_START_SECONDS))
+    async def _word(self, taker: asyncio.subprocess.Process | None, wait: float) -> dict[str, Any]:
+        receiving = asyncio.ensure_future(self.pair.receive(wait))
         if taker is None:
             message, _ = await receiving
             return message
@@ -247,6 +257,9 @@ def execute_in_place(pair: Pair, argv: list[str]) -> None:
     env = dict(os.environ)
     env[ENV_FD] = str(fd)
     env.pop(ENV_INTERIM, None)
+    # ignored across the exec until the new image handles it: a second SIGUSR2 in between
+    # would otherwise end the tracked pid
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "hubproxy", *argv], env)
