@@ -243,7 +243,8 @@ def _build_parser(prog: str) -> _Parser:
         "--drain-timeout",
         "<timeout>",
         "hubproxy: after SIGTERM or SIGINT, time (in milliseconds) requests in flight get to "
-        "finish before every connection is closed; 0 closes them at once (default: 1000)",
+        "finish before every connection is closed; 0 closes them at once; after SIGUSR2 (an "
+        "upgrade), WebSockets get it too (default: 1000)",
     )
     value(
         "--max-header-size",
