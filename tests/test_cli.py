@@ -627,7 +627,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     body = [line for line in lines[1:] if line.strip() and not line.startswith("```")]
     assert body[:2] == [
         "pip install . && hubproxy --default-target http://127.0.0.1:8081",
-        "pip install -e '.[test]' && python -m pytest",
+        "pip install -e '.[test,integration]' && python -m pytest",
     ]
     assert lines[1:3] == ["", "```sh"] and lines[5] == "```"
 
