@@ -532,3 +532,25 @@ def test_chunked_error_upload(proxies: ProxyCache, dead: str) -> None:
         client.request("POST", "/dead-chunked/x", headers=[("Transfer-Encoding", "chunked")])
         client.send(chunked(b"a" * 100, b"b" * 100))
         assert client.response().status == 503
+
+
+def test_upstream_reset_mid_close_delimited_body_resets_an_http10_client(
+    proxies: ProxyCache,
+) -> None:
+    """An HTTP/1.0 client takes a body without a length to be whole at a clean close; a target
+    that resets mid-body must reach it as a reset, never as that clean close."""
+
+    def body_then_reset(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + b"partial" * 100)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # RST
+
+    proxy = proxies.get()
+    with RawServer(body_then_reset) as upstream:
+        proxy.add_route("/cut10", upstream.url)
+        with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+            sock.sendall(b"GET /cut10/x HTTP/1.0\r\n\r\n")
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(65536):
+                    pass

@@ -77,6 +77,9 @@ async def wind_down(proxy: Proxy) -> None:
     assert proxy.counts() == (0, 0)
     for target in proxy.targets:
         assert target.protocol.phase is Phase.CLOSED
+        if target.buffered and not target.lost:
+            target.drain()  # a close waits for the writes queued; the target reads them now
+            await proxy.run_callbacks()
         assert target.lost
 
 

@@ -136,9 +136,11 @@ class FakeTransport(asyncio.Transport, Generic[P]):
         self.protocol.pause_writing()
 
     def drain(self) -> None:
-        """The write buffer empties: `resume_writing`."""
+        """The write buffer empties: `resume_writing` (and a close waiting for it completes)."""
         self.buffered = 0
         self.protocol.resume_writing()
+        if self.closing and not self.aborted:
+            self._lose_soon()
 
     # -- asyncio.Transport -----------------------------------------------------------------------
 
@@ -162,7 +164,8 @@ class FakeTransport(asyncio.Transport, Generic[P]):
     def close(self) -> None:
         if not self.closing:
             self.closing = True
-            self._lose_soon()
+            if not self.buffered:  # as asyncio: what is queued is written first
+                self._lose_soon()
 
     def abort(self) -> None:
         self.aborted = True

@@ -202,3 +202,20 @@ async def test_sweep_far_ahead_in_each_phase(make_proxy: MakeProxy) -> None:
     assert idle_client.closing and idle.closing and idle.protocol.phase is Phase.CLOSED
     assert tunnel.protocol.phase is Phase.TUNNEL and not tunnel_client.closing
     assert proxy.counts() == (0, 0)
+
+
+async def test_closed_connection_whose_client_never_reads_is_aborted(make_proxy: MakeProxy) -> None:
+    """A connection closed after its last answer waits for that answer to be written; a client
+    that never reads would hold it (and its buffer) for good: LINGER_SECONDS, then cut."""
+    proxy = make_proxy(keep_alive_timeout=3_600_000)
+    proxy.table.route_removed("/")
+    client = proxy.client()
+    client.fill_on_write = True  # it reads nothing: our first write fills its buffer
+    client.receive(request("GET", "/nowhere", version="1.0"))
+    await proxy.run_callbacks()
+    assert client.closing and not client.lost  # closing, the 404 still queued
+    proxy.sweep(LINGER_SECONDS - 1)
+    assert not client.aborted
+    proxy.sweep(LINGER_SECONDS + 1)
+    await proxy.run_callbacks()
+    assert client.aborted and client.lost

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
+import struct
 import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING
@@ -82,6 +84,9 @@ class HeadTooLarge(Exception):
     """A request head or trailer block passed --max-header-size or MAX_HEADERS (a 431)."""
 
 
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, service: ProxyService) -> None:
         self.service = service
@@ -107,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         self.unparsed = 0  # bytes read since the parser last completed something
         self.head_began = 0.0  # when the current head's first byte arrived; 0.0: no head under way
         self.closed = False
+        self.closed_at = 0.0  # when close() or abort() was called
         self.fresh = True  # no request has begun yet (a drain lets its first one in)
         self.tunnel = False
         self.eofs = 0
@@ -145,13 +151,23 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.closed_at = time.monotonic()
             if self.transport is not None:
-                self.transport.close()
+                self.transport.close()  # once what is queued is written (the sweeper bounds it)
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-        self.closed = True
+        """Cut the client off: with a reset, so that it cannot take what it got for a whole
+        answer (an HTTP/1.0 client reads a body without a length up to a clean close)."""
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
+        if not self.closed:
+            self.closed = True
+            self.closed_at = time.monotonic()
 
     def eof_received(self) -> bool | None:
         upstream = self.active.upstream if self.active is not None else None

@@ -213,6 +213,12 @@ class ProxyService:
         proxy_timeout = (config.proxy_timeout or 0) / 1000
         headers_timeout = config.headers_timeout / 1000
         for conn in list(self.connections):
+            if conn.closed:
+                if now - conn.closed_at > LINGER_SECONDS:
+                    # closed, and its last answer still unread: a client that never reads
+                    # would hold the connection and its buffer for good
+                    conn.abort()
+                continue
             if conn.tunnel:
                 continue
             active = conn.active
