@@ -23,14 +23,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from hubproxy.inherit import InheritError, adopt_named, from_systemd
+from hubproxy.fdstore import SnapshotError, decode
+from hubproxy.inherit import InheritError, Passed, adopt_named, from_systemd
 from redis_server import RedisServer, free_port
 from support import TOKEN, Backend, Proxy, ws_echo_app
+from systemd_like import ServiceManager
 
 HERE = Path(__file__).parent
 SYSTEMD_LIKE = str(HERE / "systemd_like.py")
@@ -44,12 +47,12 @@ LOAD_SECONDS = 120.0
 
 def test_sockets_meant_for_another_process_are_ignored() -> None:
     env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
-    assert from_systemd(env) == {}
+    assert from_systemd(env) == Passed()
     assert env == {}, "the variables are removed, so that no process we start reads them"
 
 
 def test_no_variables_no_sockets() -> None:
-    assert from_systemd({}) == {}
+    assert from_systemd({}) == Passed()
 
 
 @pytest.mark.parametrize(
@@ -90,7 +93,9 @@ def sockets() -> Iterator[Callable[..., socket.socket]]:
 
 def test_names_choose_the_listeners(sockets: Callable[..., socket.socket]) -> None:
     public, api = sockets(), sockets()
-    adopted = adopt_named([os.dup(public.fileno()), os.dup(api.fileno())], ["api", "public"])
+    passed = adopt_named([os.dup(public.fileno()), os.dup(api.fileno())], ["api", "public"])
+    adopted = passed.sockets
+    assert passed.files == {}
     try:
         assert set(adopted) == {"public", "api"}
         assert adopted["api"].getsockname() == public.getsockname()
@@ -102,9 +107,25 @@ def test_names_choose_the_listeners(sockets: Callable[..., socket.socket]) -> No
 
 
 def test_one_unnamed_socket_is_the_public_one(sockets: Callable[..., socket.socket]) -> None:
-    adopted = adopt_named([os.dup(sockets().fileno())], ["hubproxy.socket"])
+    adopted = adopt_named([os.dup(sockets().fileno())], ["hubproxy.socket"]).sockets
     assert list(adopted) == ["public"]
     adopted["public"].close()
+
+
+def test_the_stored_routes_file_is_no_socket(sockets: Callable[..., socket.socket]) -> None:
+    """What the file descriptor store gives back comes among the sockets, named `routes`; of
+    two (never ours: one is removed before the next is stored), the later one is newer."""
+    older, newer = os.memfd_create("older"), os.memfd_create("newer")
+    passed = adopt_named([os.dup(sockets().fileno()), older, newer], ["public", "routes", "routes"])
+    try:
+        assert list(passed.sockets) == ["public"]
+        assert passed.files == {"routes": newer}
+    finally:
+        passed.sockets["public"].close()
+        os.close(newer)
+    alone = os.memfd_create("alone")
+    assert adopt_named([alone], ["routes"]) == Passed({}, {"routes": alone}), "not the public one"
+    os.close(alone)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +149,9 @@ def test_unusable_sockets_are_refused(
 
 
 class Activator:
-    """systemd's part: the listening sockets live here, across the proxy processes."""
+    """systemd's part: the listening sockets live here, across the proxy processes, and so
+    does the service's file descriptor store (`manager`), as the documented units set it up
+    (`FileDescriptorStoreMax=1`, `Type=notify`)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.public = socket.create_server(("127.0.0.1", 0), backlog=511)
@@ -137,20 +160,36 @@ class Activator:
         self.api.bind(self.api_path)
         self.api.listen(511)
         self.port = self.public.getsockname()[1]
+        self.manager = ServiceManager(str(tmp_path / "notify.sock"))
 
-    def start(self, *args: str, names: str = "public:api", env: dict[str, str]) -> Proxy:
-        fds = (self.public.fileno(), self.api.fileno())
-        return Proxy(
+    def start(
+        self, *args: str, names: str = "public:api", env: dict[str, str], fdstore: bool = True
+    ) -> Proxy:
+        """Start the service (with the store: what it holds is passed back, as systemd does)."""
+        fds = [self.public.fileno(), self.api.fileno()]
+        env = dict(env)
+        if fdstore:
+            self.manager.take()  # what the last process said before it ended
+            for name, fd in self.manager.stored:
+                fds.append(fd)
+                names += f":{name}"
+            env.update(self.manager.environment())
+        proxy = Proxy(
             list(args),
             env,
             TOKEN,
             command=[sys.executable, SYSTEMD_LIKE, names, *map(str, fds), "--"],
-            pass_fds=fds,
+            pass_fds=tuple(fds),
         )
+        self.manager.main_pid = proxy.proc.pid  # the same after systemd_like's exec
+        if fdstore:
+            self.manager.wait_for("READY")
+        return proxy
 
     def close(self) -> None:
         self.public.close()
         self.api.close()
+        self.manager.close()
 
 
 def proxy_env(**extra: str) -> dict[str, str]:
@@ -221,6 +260,11 @@ class Report:
     ws_reconnects: int = 0
     longest: float = 0.0  # seconds: the slowest request (retry included), the gap a user saw
 
+    def summary(self) -> str:
+        """The report with only the first failures (a missing route fails thousands)."""
+        failed = [detail[:200] for detail in self.failed[:3]]
+        return f"{self.ok} ok, {len(self.failed)} failed, first {failed}, {self.ws_messages} echoes"
+
 
 class Load:
     """Keep-alive requests, new-connection requests and a WebSocket, each in a thread, through
@@ -262,7 +306,7 @@ class Load:
             assert self._lock.wait_for(
                 lambda: self.report.ok >= want_ok and self.report.ws_messages >= want_messages,
                 timeout,
-            ), f"the load stalled: {self.report}"
+            ), f"the load stalled: {self.report.summary()}"
 
     def _count(self, outcome: str, detail: str = "") -> None:
         with self._lock:
@@ -400,16 +444,15 @@ def test_socket_activated_restart_fails_no_request(
 ) -> None:
     """systemctl restart with the sockets in a socket unit: requests wait in the listening
     socket's queue while no process accepts. The routes come back from the store; the memory
-    store has none to give back (the hub adds them again at its next check), so for it only
-    the default route is checked."""
+    store's from systemd's file descriptor store (an answer from the default target, where a
+    missing route would send alice, is a failed request)."""
     backend = start_backend(ws_echo_app())
-    args = ("--default-target", backend.url, "--drain-timeout", str(DRAIN_MS), *store.args)
+    hub = start_backend()  # the default target: its echo is no `plain`
+    args = ("--default-target", hub.url, "--drain-timeout", str(DRAIN_MS), *store.args)
     first = activator.start(*args, env=proxy_env())
     running.append(first)
-    path = "/" if store.name == "memory" else "/user/alice/"
-    if store.name != "memory":
-        first.add_route("/user/alice", backend.url)
-    with Load(activator.port, path) as load:
+    first.add_route("/user/alice", backend.url)
+    with Load(activator.port, "/user/alice/") as load:
         load.wait_for(ok=50, messages=5)
         assert first.stop() == 0
         second = activator.start(*args, env=proxy_env())
@@ -418,10 +461,69 @@ def test_socket_activated_restart_fails_no_request(
     report = load.report
     print(f"socket-activated restart, {store.name}: {report}")
     assert report.failed == [], report
-    if store.name != "memory":
-        assert "/user/alice" in second.routes()
+    assert second.routes()["/user/alice"]["target"] == backend.url
+    assert activator.manager.refused == []
     # a plain restart ends the WebSocket when its process stops: the client connects again
     assert report.ws_reconnects == len(report.ws_closes)
+
+
+def kept_routes(manager: ServiceManager, *keys: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The routes systemd keeps for the service, once they include `keys` (a readiness probe:
+    the proxy writes them a moment after the change)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        manager.take()
+        with contextlib.suppress(AssertionError, SnapshotError):
+            routes = decode(manager.content())
+            if set(keys) <= routes.keys():
+                return routes
+        assert time.monotonic() < deadline, f"{keys} never kept: {manager.stored}"
+        time.sleep(0.05)
+
+
+def test_the_memory_stores_routes_survive_a_crash(
+    activator: Activator, running: list[Proxy], start_backend: Callable[..., Backend]
+) -> None:
+    """Restart= after kill -9: the routes kept before the crash come back, with their last
+    activity, before the first request."""
+    backend = start_backend(ws_echo_app())
+    hub = start_backend()
+    first = activator.start("--default-target", hub.url, env=proxy_env())
+    running.append(first)
+    first.add_route("/user/alice", backend.url, user="alice")
+    kept_routes(activator.manager, "/user/alice")
+    before = first.routes()["/user/alice"]
+    first.proc.kill()
+    first.proc.wait()
+    second = activator.start("--default-target", hub.url, env=proxy_env())
+    running.append(second)
+    second.wait_for_line(r"info: Restored 2 routes kept by the service manager")
+    assert second.routes()["/user/alice"] == before
+    status, _, body = second.request("GET", "/user/alice/")
+    assert (status, body) == (200, b"plain")
+
+
+def test_a_hand_over_under_systemd_keeps_one_current_table(
+    activator: Activator, running: list[Proxy], start_backend: Callable[..., Backend]
+) -> None:
+    """After SIGUSR2 the tracked pid (the new hubproxy) keeps the routes in systemd's store in
+    place of the old one; the interim process, which systemd would not listen to, says nothing.
+    A restart after the upgrade finds the routes added after it."""
+    backend = start_backend(ws_echo_app())
+    args = ("--default-target", backend.url, "--drain-timeout", "500")
+    proxy = activator.start(*args, env=proxy_env())
+    running.append(proxy)
+    proxy.add_route("/user/alice", backend.url)
+    kept_routes(activator.manager, "/user/alice")
+    handed_over(proxy)
+    proxy.add_route("/user/bob", backend.url)
+    kept_routes(activator.manager, "/user/alice", "/user/bob")
+    assert activator.manager.refused == [], "only the main process tells systemd anything"
+    assert proxy.stop() == 0
+    assert os.path.exists(activator.api_path), "systemd's socket file, after an upgrade too"
+    again = activator.start(*args, env=proxy_env())
+    running.append(again)
+    assert {"/user/alice", "/user/bob"} <= again.routes().keys()
 
 
 # --- the hand-over (SIGUSR2) ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
 from hubproxy.dashboard import dashboard_pages
 from hubproxy.eventloop import log_uncaught, loop_factory
+from hubproxy.fdstore import Notifier, RouteKeeper, keep_routes, notify_ready
 from hubproxy.handover import (
     ENV_INTERIM,
     TAKER_START_SECONDS,
@@ -85,12 +86,12 @@ class Listeners:
     redirect: Bound | None
     metrics: Bound | None
 
-    def named(self) -> list[tuple[str, socket.socket]]:
-        pairs = [("public", b.sock) for b in self.publics]
-        pairs.append(("api", self.api.sock))
+    def named(self) -> list[tuple[str, Bound]]:
+        pairs = [("public", b) for b in self.publics]
+        pairs.append(("api", self.api))
         for name, bound in (("redirect", self.redirect), ("metrics", self.metrics)):
             if bound is not None:
-                pairs.append((name, bound.sock))
+                pairs.append((name, bound))
         return pairs
 
     def close(self, remove_files: bool) -> None:
@@ -139,11 +140,13 @@ def _bind(config: Config, inherited: dict[str, socket.socket]) -> Listeners:
     return Listeners(publics, api, redirect, metrics)
 
 
-def _adopt(pairs: list[tuple[str, socket.socket]]) -> Listeners:
-    """The listeners the process we take over from sent (their socket files become ours)."""
+def _adopt(pairs: list[tuple[str, socket.socket]], own_files: list[bool]) -> Listeners:
+    """The listeners the process we take over from sent; their socket files become ours unless
+    they are systemd's (`own_files`, in the same order; all ours from a giver that sends none)."""
     by_name: dict[str, list[Bound]] = {}
-    for name, sock in pairs:
-        by_name.setdefault(name, []).append(Bound.inherited(sock, owns_path=True))
+    owned = own_files if len(own_files) == len(pairs) else [True] * len(pairs)
+    for (name, sock), owns in zip(pairs, owned, strict=True):
+        by_name.setdefault(name, []).append(Bound.inherited(sock, owns_path=owns is not False))
     if not by_name.get("public") or len(by_name.get("api", ())) != 1:
         raise HandoverError(f"listeners {sorted(by_name)}: a public and an API one expected")
     return Listeners(
@@ -256,6 +259,7 @@ async def serve(config: Config) -> int | Reexec:
     flusher = ActivityFlusher(table, store)
 
     giver_pid: int | None = None
+    kept_routes: int | None = None  # the routes systemd kept over a restart (fdstore.py)
     try:
         message: dict[str, Any] | None = None
         if taking_over is not None:
@@ -273,22 +277,30 @@ async def serve(config: Config) -> int | Reexec:
                 taking_over.close()
                 taking_over = None
         if taking_over is not None and message is not None:
-            listeners = _adopt(adopt_listeners(list(message.get("listeners", ())), fds))
+            listeners = _adopt(
+                adopt_listeners(list(message.get("listeners", ())), fds),
+                list(message.get("own_files", ())),
+            )
             giver_pid = message.get("pid")
             routes = message.get("routes")
             if isinstance(routes, dict) and isinstance(store, MemoryStore):
                 for key, data in routes.items():
                     await store.add(key, data)
-            log.info("Taking over from pid %s: %s", giver_pid, describe(dict(listeners.named())))
+            named = {name: bound.sock for name, bound in listeners.named()}
+            log.info("Taking over from pid %s: %s", giver_pid, describe(named))
         else:
-            inherited = from_systemd()
-            if inherited:
-                log.info("Listening on sockets from systemd: %s", describe(inherited))
-            listeners = _bind(config, inherited)
+            passed = from_systemd()
+            if passed.sockets:
+                log.info("Listening on sockets from systemd: %s", describe(passed.sockets))
+            kept_routes = passed.files.get("routes")
+            listeners = _bind(config, passed.sockets)
     except (ListenError, InheritError, HandoverError) as e:
         log.error("%s", e)
         await store.close()
         return 1
+    # the interim process of an upgrade is no service's main process: systemd ignores it
+    notifier = None if interim else Notifier.from_environment()
+    keeper: RouteKeeper | None = await keep_routes(store, kept_routes, notifier)
     publics, api, redirect, metrics_bound = (
         listeners.publics,
         listeners.api,
@@ -356,7 +368,8 @@ async def serve(config: Config) -> int | Reexec:
         return await store.get_all() if isinstance(store, MemoryStore) else None
 
     def giver(pair: Pair) -> Giver:
-        return Giver(pair, listeners.named(), pause_api, open_api, routes_to_send)
+        named = [(name, bound.sock, bound.owns_path) for name, bound in listeners.named()]
+        return Giver(pair, named, pause_api, open_api, routes_to_send)
 
     async def hand_over() -> None:
         """SIGUSR2: hand over to an interim process, then (run()) execute the new hubproxy in
@@ -482,6 +495,7 @@ async def serve(config: Config) -> int | Reexec:
                 if isinstance(giver_pid, int):
                     aftercare.add(loop.create_task(_reap(giver_pid)))
 
+        notify_ready(notifier)
         await stop.wait()
         (log.info if gave_away else log.warning)("%s", stop_reason[0])
     finally:
@@ -512,6 +526,11 @@ async def serve(config: Config) -> int | Reexec:
         if default_route is not None:
             default_route.cancel()
         await flusher.stop()
+        if keeper is not None:
+            # after a hand-over, the process we gave to keeps the routes from now on
+            await keeper.stop(last_write=not gave_away)
+        if notifier is not None:
+            notifier.close()
         await store.close()
         listeners.close(remove_files=not gave_away and (taking_over is None or took_over))
         if interim and taking_over is not None:

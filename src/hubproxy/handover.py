@@ -8,7 +8,9 @@ from the hubproxy installed now) which the giver started with one end of a socke
     taker -> giver   {"ask": version}                  once it has built everything it can alone
     giver            stops its API (requests wait in the listening socket's queue), writes the
                      last activity to its store
-    giver -> taker   {"listeners": [names], "routes": {...}, "pid": pid} + the listening sockets
+    giver -> taker   {"listeners": [names], "own_files": [bool], "routes": {...}, "pid": pid}
+                     + the listening sockets (own_files: whether each one's socket file is the
+                     giver's to remove, not systemd's)
     taker            serves them all
     taker -> giver   {"serving": pid}
     giver            stops accepting, drains (WebSockets too, up to --drain-timeout), leaves
@@ -169,7 +171,7 @@ class Giver:
     def __init__(
         self,
         pair: Pair,
-        listeners: list[tuple[str, socket.socket]],
+        listeners: list[tuple[str, socket.socket, bool]],
         pause: Callable[[], Awaitable[None]],
         resume: Callable[[], Awaitable[None]],
         routes: Callable[[], Awaitable[Mapping[str, Any] | None]],
@@ -190,11 +192,12 @@ class Giver:
         try:
             await self.pair.send(
                 {
-                    "listeners": [name for name, _ in self.listeners],
+                    "listeners": [name for name, _, _ in self.listeners],
+                    "own_files": [owns for _, _, owns in self.listeners],
                     "routes": await self.routes(),
                     "pid": os.getpid(),
                 },
-                [sock.fileno() for _, sock in self.listeners],
+                [sock.fileno() for _, sock, _ in self.listeners],
             )
             serving = await self._word(taker, TAKER_START_SECONDS)
         except BaseException:

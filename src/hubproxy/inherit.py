@@ -7,8 +7,9 @@ accepts, connection attempts wait in the socket's queue instead of being refused
 systemd's rules (sd_listen_fds(3)): the sockets are file descriptors 3, 4, ... (`LISTEN_FDS` of
 them), meant for us only if `LISTEN_PID` is our pid; `LISTEN_FDNAMES` names them, colon-separated,
 from each socket unit's `FileDescriptorName=`. We use the names `public`, `api`, `metrics` and
-`redirect`; a single unnamed socket (systemd names it after its unit) is the public one. The
-variables are removed once read, so that no process we start takes them for its own.
+`redirect`; a single unnamed socket (systemd names it after its unit) is the public one. Besides
+sockets, systemd passes back what we left in its file descriptor store: `routes` (hubproxy.fdstore).
+The variables are removed once read, so that no process we start takes them for its own.
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 NAMES = ("public", "api", "metrics", "redirect")
+FILE_NAMES = ("routes",)  # from the file descriptor store: not sockets
+
+
+@dataclass
+class Passed:
+    """What systemd passed us: listening sockets, and other files, by name."""
+
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
 
 
 class InheritError(Exception):
@@ -46,32 +57,38 @@ def adopt(fd: int, name: str) -> socket.socket:
     return sock
 
 
-def from_systemd(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
-    """The sockets systemd passed us, by name (empty when it passed none, or passed them to
-    another process); raises InheritError."""
+def from_systemd(environ: MutableMapping[str, str] | None = None) -> Passed:
+    """The sockets and files systemd passed us, by name (none when it passed none, or passed
+    them to another process); raises InheritError."""
     env = os.environ if environ is None else environ
     pid = env.pop("LISTEN_PID", None)
     count = env.pop("LISTEN_FDS", None)
     names = env.pop("LISTEN_FDNAMES", None)
     if pid is None or count is None:
-        return {}
+        return Passed()
     if not pid.isdigit() or int(pid) != os.getpid():
-        return {}  # meant for another process (our parent's, as systemd's rules say)
+        return Passed()  # meant for another process (our parent's, as systemd's rules say)
     if not count.isdigit() or int(count) < 1:
         raise InheritError(f"LISTEN_FDS={count!r}: expected a number of sockets")
     fds = range(LISTEN_FDS_START, LISTEN_FDS_START + int(count))
     return adopt_named(fds, names.split(":") if names is not None else None)
 
 
-def adopt_named(fds: range | list[int], names: list[str] | None) -> dict[str, socket.socket]:
+def adopt_named(fds: range | list[int], names: list[str] | None) -> Passed:
     if names is not None and len(names) != len(fds):
         raise InheritError(
             f"LISTEN_FDNAMES names {len(names)} sockets, LISTEN_FDS passes {len(fds)}"
         )
-    if names is None or (len(fds) == 1 and names[0] not in NAMES):
+    if names is None or (len(fds) == 1 and names[0] not in (*NAMES, *FILE_NAMES)):
         names = ["public"] * len(fds)
     by_name: dict[str, int] = {}
+    files: dict[str, int] = {}
     for fd, name in zip(fds, names, strict=True):
+        if name in FILE_NAMES:
+            if name in files:  # stored later, so newer
+                os.close(files[name])
+            files[name] = fd
+            continue
         if name not in NAMES:
             raise InheritError(
                 f"socket named {name!r} (fd {fd}): name each with FileDescriptorName= "
@@ -88,7 +105,7 @@ def adopt_named(fds: range | list[int], names: list[str] | None) -> dict[str, so
         for sock in adopted.values():
             sock.detach()
         raise
-    return adopted
+    return Passed(adopted, files)
 
 
 def describe(sockets: Mapping[str, socket.socket]) -> str:

@@ -1,0 +1,218 @@
+"""The route table kept in systemd's file descriptor store (hubproxy.fdstore), in process: the
+snapshot's format and what is refused, the notify socket, and what is kept when. The restarts
+themselves, with a process playing systemd, are in test_restarts.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from hubproxy import fdstore
+from hubproxy.fdstore import Notifier, SnapshotError, decode, encode, keep_routes
+from hubproxy.store.memory import MemoryStore
+from hubproxy.store.sqlite import SQLiteStore
+from systemd_like import ServiceManager
+
+WHEN = datetime(2026, 12, 5, 9, 30, 1, 123456, tzinfo=UTC)
+ROUTES = {
+    "/": {"target": "http://127.0.0.1:8081", "last_activity": WHEN},
+    "/user/alice": {"target": "http://10.0.0.2:8888", "user": "alice", "nested": {"a": [1]}},
+    "/user/\u00e9": {"target": "http://h:1", "last_activity": "not a time: plain data"},
+}
+
+
+def test_a_snapshot_gives_back_every_route_exactly() -> None:
+    assert decode(encode(ROUTES)) == ROUTES
+    assert list(decode(encode(ROUTES))) == list(ROUTES), "in the same order"
+    assert decode(encode({})) == {}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda blob: b"", "shorter than a header"),
+        (lambda blob: b"x" * 16 + blob[16:], "not a route table written by hubproxy"),
+        (lambda blob: blob[:-1], "cut short or torn"),
+        (lambda blob: blob[:60] + bytes([blob[60] ^ 1]) + blob[61:], "cut short or torn"),
+        (lambda blob: blob[:40], "cut short or torn"),
+    ],
+)
+def test_a_damaged_snapshot_is_refused(damage: object, message: str) -> None:
+    blob = encode(ROUTES)
+    with pytest.raises(SnapshotError, match=message):
+        decode(damage(blob))  # type: ignore[operator]
+
+
+def test_a_snapshot_longer_than_its_header_says_is_read_to_its_length() -> None:
+    """A shorter table written over a longer one, the process gone before cutting the file."""
+    assert decode(encode(ROUTES) + b"left from a longer one") == ROUTES
+
+
+def test_rows_that_are_no_rows_are_refused() -> None:
+    body = b'[["/only-a-key"]]'
+    header = fdstore._HEADER.pack(fdstore._MAGIC, len(body), __import__("zlib").crc32(body))
+    with pytest.raises(SnapshotError, match="unreadable rows"):
+        decode(header + body)
+
+
+def test_the_notify_socket_may_be_abstract() -> None:
+    name = f"hubproxy-test-{uuid.uuid4()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind("\0" + name)
+        notifier = Notifier.from_environment({"NOTIFY_SOCKET": "@" + name})
+        assert notifier is not None
+        notifier.send("READY=1")
+        notifier.close()
+        assert manager.recv(100) == b"READY=1"
+    assert Notifier.from_environment({}) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "enabled"), [("1", True), ("16", True), ("0", False), ("", False), ("x", False)]
+)
+def test_the_store_is_used_only_when_systemd_keeps_descriptors(value: str, enabled: bool) -> None:
+    assert fdstore.store_enabled({"FDSTORE": value}) is enabled
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> ServiceManager:
+    made = ServiceManager(str(tmp_path / "notify.sock"))
+    made.main_pid = os.getpid()
+    yield made  # type: ignore[misc]
+    made.close()
+
+
+def test_a_change_is_kept_at_once_and_a_burst_in_one_more_write(
+    manager: ServiceManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        notifier = Notifier(manager.path)
+        keeper = await keep_routes(store, None, notifier, manager.environment())
+        assert keeper is not None
+        manager.take(5)
+        assert [m.fields for m in manager.received] == [
+            {"FDSTOREREMOVE": "1", "FDNAME": "routes"},
+            {"FDSTORE": "1", "FDNAME": "routes"},
+        ]
+        await _until(lambda: keeper.writes == 1)  # the table as it was when watched
+        await store.add("/a", {"target": "http://a:1", "last_activity": WHEN})
+        await _until(
+            lambda: (
+                decode(manager.content()) == {"/a": {"target": "http://a:1", "last_activity": WHEN}}
+            )
+        )
+        for n in range(50):
+            await store.add(f"/b{n}", {"target": "http://b:1"})
+        await _until(lambda: len(decode(manager.content())) == 51)
+        assert keeper.writes <= 4, "a burst is one write after the pause"
+        await store.record_activity({"/a": WHEN.replace(year=2027)})
+        await keeper.stop(last_write=True)
+        assert decode(manager.content())["/a"]["last_activity"] == WHEN.replace(year=2027)
+        notifier.close()
+
+    monkeypatch.setattr(fdstore, "MIN_INTERVAL", 0.2)
+    asyncio.run(scenario())
+
+
+def test_a_hand_over_leaves_the_last_snapshot(manager: ServiceManager) -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        notifier = Notifier(manager.path)
+        keeper = await keep_routes(store, None, notifier, manager.environment())
+        assert keeper is not None
+        await _until(lambda: keeper.writes == 1)
+        manager.take(5)
+        await store.add("/late", {"target": "http://a:1"})
+        await keeper.stop(last_write=False)
+        assert decode(manager.content()) == {}, "the process taken over keeps it from now on"
+        notifier.close()
+
+    asyncio.run(scenario())
+
+
+def test_routes_passed_back_are_restored_and_the_same_file_kept(manager: ServiceManager) -> None:
+    kept = os.memfd_create("kept")
+    os.write(kept, encode(ROUTES))
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        notifier = Notifier(manager.path)
+        keeper = await keep_routes(store, os.dup(kept), notifier, manager.environment())
+        assert keeper is not None
+        assert await store.get_all() == ROUTES
+        await store.remove("/")
+        await keeper.stop(last_write=True)
+        assert manager.take() == [], "the file systemd passed is its own already"
+        notifier.close()
+
+    asyncio.run(scenario())
+    assert "/" not in decode(os.pread(kept, 1 << 20, 0))
+    os.close(kept)
+
+
+def test_unusable_routes_start_empty_and_the_file_is_written_anew(
+    manager: ServiceManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = os.memfd_create("kept")
+    os.write(kept, b"hubproxy-routes1 and then garbage")
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        notifier = Notifier(manager.path)
+        keeper = await keep_routes(store, os.dup(kept), notifier, manager.environment())
+        assert keeper is not None
+        assert await store.get_all() == {}
+        await store.add("/new", {"target": "http://a:1"})
+        await keeper.stop(last_write=True)
+        notifier.close()
+
+    asyncio.run(scenario())
+    assert "Routes kept by the service manager unusable, starting without: cut short" in caplog.text
+    assert decode(os.pread(kept, 1 << 20, 0)) == {"/new": {"target": "http://a:1"}}
+    os.close(kept)
+
+
+def test_a_store_that_keeps_its_own_routes_drops_the_passed_file(
+    manager: ServiceManager, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        store = SQLiteStore(str(tmp_path / "routes.db"))
+        notifier = Notifier(manager.path)
+        passed = os.memfd_create("kept")
+        assert await keep_routes(store, passed, notifier, manager.environment()) is None
+        with pytest.raises(OSError):
+            os.fstat(passed)
+        notifier.close()
+
+    asyncio.run(scenario())
+    assert [m.fields for m in manager.take(5)] == [{"FDSTOREREMOVE": "1", "FDNAME": "routes"}]
+
+
+def test_without_a_descriptor_store_nothing_is_kept(manager: ServiceManager) -> None:
+    async def scenario() -> None:
+        notifier = Notifier(manager.path)
+        assert (
+            await keep_routes(MemoryStore(), None, notifier, {"NOTIFY_SOCKET": manager.path})
+            is None
+        )
+        assert await keep_routes(MemoryStore(), None, None, manager.environment()) is None
+        notifier.close()
+
+    asyncio.run(scenario())
+    assert manager.take() == []
+
+
+async def _until(condition: object, timeout: float = 30.0) -> None:
+    """Poll a readiness condition on the loop (the keeper writes from a task)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition never met"
+        await asyncio.sleep(0.01)
