@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import requests
 
+from systemd_like import ServiceManager
+
 T = TypeVar("T")
 
 PROXY_TOKEN = "integration-proxy-" + uuid.uuid4().hex
@@ -134,6 +136,7 @@ class ExternalProxy:
     extra_args: list[str] = field(default_factory=list)  # appended to the command line
     # an https API (--api-ssl-*): what `routes()` passes to requests, {"cert": ..., "verify": ...}
     api_tls: dict[str, Any] | None = None
+    activation: Activation | None = None  # started as systemd would, with its sockets and store
 
     @property
     def public_url(self) -> str:
@@ -151,12 +154,15 @@ class ExternalProxy:
     def start(self, timeout: float = 30.0) -> None:
         env = dict(os.environ, CONFIGPROXY_AUTH_TOKEN=PROXY_TOKEN)
         self.starts += 1
+        command, fds = [sys.executable, "-m", "hubproxy"], ()
+        if self.activation is not None:
+            command, fds = self.activation.command(env)
         with open(self.log_path, "ab") as log:
             log.write(f"=== start #{self.starts} ===\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "hubproxy",
+                    *command,
                     "--ip", "127.0.0.1", "--port", str(self.port),
                     "--api-ip", "127.0.0.1", "--api-port", str(self.api_port),
                     "--default-target", self.hub_url,
@@ -168,7 +174,10 @@ class ExternalProxy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                pass_fds=fds,
             )  # fmt: skip
+        if self.activation is not None:
+            self.activation.manager.main_pid = self.proc.pid  # the same after the exec
 
         def ready() -> bool:
             assert self.proc is not None
@@ -195,6 +204,41 @@ class ExternalProxy:
 
     def log(self) -> str:
         return _tail(self.log_path)
+
+
+@dataclass
+class Activation:
+    """systemd's part for an ExternalProxy: the listening sockets (socket units) and the
+    service's notify socket and file descriptor store live here, across its processes."""
+
+    public: socket.socket
+    api: socket.socket
+    manager: ServiceManager
+
+    @classmethod
+    def on(cls, port: int, api_port: int, workdir: Path) -> Activation:
+        public = socket.create_server(("127.0.0.1", port), backlog=511)
+        api = socket.create_server(("127.0.0.1", api_port), backlog=511)
+        notify = workdir / f"notify-{uuid.uuid4().hex[:8]}.sock"
+        return cls(public, api, ServiceManager(str(notify)))
+
+    def command(self, env: dict[str, str]) -> tuple[list[str], tuple[int, ...]]:
+        """The command that starts hubproxy with the sockets and what the store holds (`env`
+        gets the notify socket), and the descriptors to pass."""
+        self.manager.take()  # what the last process stored before it ended
+        fds = [self.public.fileno(), self.api.fileno()]
+        names = ["public", "api"]
+        for name, fd in self.manager.stored:
+            fds.append(fd)
+            names.append(name)
+        env.update(self.manager.environment())
+        script = str(Path(__file__).parent.parent / "systemd_like.py")
+        return [sys.executable, script, ":".join(names), *map(str, fds), "--"], tuple(fds)
+
+    def close(self) -> None:
+        self.public.close()
+        self.api.close()
+        self.manager.close()
 
 
 def _connects(port: int) -> bool:

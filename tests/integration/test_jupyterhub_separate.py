@@ -14,7 +14,9 @@ leaves the stack healthy (hub up, proxy up, alice's server reachable):
 4. proxy hand-over (SIGUSR2, an upgrade in place): alice's server stays reachable, same routes,
    same pid;
 5. proxy restart: the hub puts the routes back (periodic check, then `POST /hub/api/proxy`);
-   the outage is measured.
+   the outage is measured;
+6. proxy restart under systemd (socket activation, routes in its file descriptor store):
+   alice's server stays reachable.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ pytest.importorskip("requests", reason="needs requests: pip install -e '.[test,i
 import requests
 from jhub import (
     MEASUREMENTS,
+    Activation,
     ExternalProxy,
     Hub,
     Prober,
@@ -44,6 +47,8 @@ from jhub import (
     run_one_plus_one,
     wait_until,
 )
+
+from hubproxy.fdstore import decode
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -246,7 +251,10 @@ def test_proxy_restart_hub_restores_routes(stack: Stack, restore: str) -> None:
         stack.proxy.start()
         listening_after = time.monotonic() - stopped_at
         routes = stack.proxy.routes()
-        assert "/user/alice" not in routes  # a fresh memory store: only --default-target
+        # a fresh memory store: only --default-target's route, unless the hub's periodic
+        # check (every 2 s) has put alice's back through the API already
+        this_start = stack.proxy.log_path.read_text().rpartition("=== start #")[2]
+        assert "/user/alice" not in routes or "Adding route /user/alice" in this_start
         if restore == "POST /hub/api/proxy":
             # the hub is reached through the proxy's --default-target route
             resp = stack.hub.api("POST", "/proxy")
@@ -269,3 +277,47 @@ def test_proxy_restart_hub_restores_routes(stack: Stack, restore: str) -> None:
     )
     # afterwards everything works again, including WebSockets
     assert run_one_plus_one(stack.proxy.public_url, stack.server_path, stack.token) == "2"
+
+
+def test_proxy_restart_under_systemd_keeps_servers_reachable(
+    stack: Stack, jh_workdir: Path
+) -> None:
+    """The proxy as systemd runs it (socket units, `Type=notify`, `FileDescriptorStoreMax=1`):
+    `systemctl restart` queues connections in the sockets systemd keeps, and the memory
+    store's routes come back from its file descriptor store, so alice's server stays
+    reachable without the hub doing anything."""
+    proxy = stack.proxy
+    assert proxy.stop(signal.SIGTERM) == 0, proxy.log()
+    proxy.activation = Activation.on(proxy.port, proxy.api_port, jh_workdir)
+    try:
+        proxy.start()
+        stack.hub.api("POST", "/proxy")  # the first start under systemd has a fresh table
+        wait_until(lambda: stack.alice().status_code == 200, 30, "alice's route", 0.05)
+        wait_until(
+            lambda: "/user/alice" in decode(_kept(proxy.activation)), 30, "the kept table", 0.05
+        )
+        with stack.prober() as probe:
+            wait_until(lambda: len(probe.samples) >= 5, 10, "the first probes", 0.02)
+            stopped_at = time.monotonic()
+            assert proxy.stop(signal.SIGTERM) == 0, proxy.log()
+            proxy.start()
+            serving_after = time.monotonic() - stopped_at
+            assert "Restored" in proxy.log()
+            wait_until(lambda: len(probe.samples) >= 5 + 40, 10, "more probes", 0.02)
+        MEASUREMENTS["proxy restart under systemd (routes kept): alice unreachable"] = (
+            f"{probe.unreachable_seconds():.3f}s ({probe.summary()}; serving again after "
+            f"{serving_after:.2f}s)"
+        )
+        assert not probe.failures, probe.summary()
+        assert run_one_plus_one(proxy.public_url, stack.server_path, stack.token) == "2"
+    finally:  # the stack as the other tests know it
+        proxy.stop(signal.SIGTERM)
+        proxy.activation.close()
+        proxy.activation = None
+        proxy.start()
+
+
+def _kept(activation: Activation | None) -> bytes:
+    assert activation is not None
+    activation.manager.take()
+    return activation.manager.content() if activation.manager.stored else b""
