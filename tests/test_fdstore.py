@@ -49,6 +49,30 @@ def test_a_damaged_snapshot_is_refused(damage: object, message: str) -> None:
         decode(damage(blob))  # type: ignore[operator]
 
 
+def test_the_next_snapshot_has_every_change_the_store_makes() -> None:
+    """The encoder reuses a route's row while the store keeps its data and activity objects;
+    the memory store replaces them on every change (add, update, activity)."""
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        encoder = fdstore.Encoder()
+        for key, data in ROUTES.items():
+            await store.add(key, data)
+        assert decode(encoder.encode(await store.get_all())) == ROUTES
+        later = WHEN.replace(hour=10)
+        await store.record_activity({"/": later})
+        await store.update("/user/alice", {"user": "alicia"})
+        await store.remove("/user/\u00e9")
+        await store.add("/new", {"target": "http://n:1"})
+        assert decode(encoder.encode(await store.get_all())) == {
+            "/": {"target": "http://127.0.0.1:8081", "last_activity": later},
+            "/user/alice": {**ROUTES["/user/alice"], "user": "alicia"},
+            "/new": {"target": "http://n:1"},
+        }
+
+    asyncio.run(scenario())
+
+
 def test_a_snapshot_longer_than_its_header_says_is_read_to_its_length() -> None:
     """A shorter table written over a longer one, the process gone before cutting the file."""
     assert decode(encode(ROUTES) + b"left from a longer one") == ROUTES

@@ -40,7 +40,8 @@ log = logging.getLogger("hubproxy")
 
 NAME = "routes"  # FDNAME=, and LISTEN_FDNAMES' name for it when systemd passes it back
 MIN_INTERVAL = 1.0
-ACTIVITY_SECONDS = 30.0
+# activity alone: a crash loses at most this much of it (the hub keeps the newer time it has)
+ACTIVITY_SECONDS = 300.0
 _MAGIC = b"hubproxy-routes1"
 _HEADER = struct.Struct("!16sQI")  # magic, length of the JSON, its CRC-32
 
@@ -50,9 +51,30 @@ class SnapshotError(Exception):
 
 
 def encode(routes: Mapping[str, RouteData]) -> bytes:
-    rows = [[key, *encode_row(data)] for key, data in routes.items()]
-    body = json.dumps(rows, separators=(",", ":")).encode()
-    return _HEADER.pack(_MAGIC, len(body), zlib.crc32(body)) + body
+    return Encoder().encode(routes)
+
+
+class Encoder:
+    """Snapshots of one table, each route's row encoded again only when its data or its last
+    activity is another object: the memory store replaces a route's data on a change and its
+    `last_activity` on activity, so a table of 10,000 routes with a few changed costs a few
+    milliseconds on the event loop, not 50."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[RouteData, object, bytes]] = {}
+
+    def encode(self, routes: Mapping[str, RouteData]) -> bytes:
+        rows: dict[str, tuple[RouteData, object, bytes]] = {}
+        for key, data in routes.items():
+            activity = data.get("last_activity")
+            row = self._rows.get(key)
+            if row is None or row[0] is not data or row[1] is not activity:
+                text = json.dumps([key, *encode_row(data)], separators=(",", ":"))
+                row = (data, activity, text.encode())
+            rows[key] = row
+        self._rows = rows
+        body = b"[" + b",".join(row[2] for row in rows.values()) + b"]"
+        return _HEADER.pack(_MAGIC, len(body), zlib.crc32(body)) + body
 
 
 def decode(blob: bytes) -> dict[str, RouteData]:
@@ -77,6 +99,8 @@ class Notifier:
         # `@name` is a socket in the abstract namespace (sd_notify(3))
         self._address = "\0" + address[1:] if address.startswith("@") else address
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # a manager that does not read must not stall the event loop: such a send fails
+        self._sock.setblocking(False)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Notifier | None:
@@ -107,6 +131,7 @@ class RouteKeeper:
     def __init__(self, fd: int, store: MemoryStore) -> None:
         self._fd = fd
         self._store = store
+        self._encoder = Encoder()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
@@ -147,7 +172,7 @@ class RouteKeeper:
             await asyncio.sleep(MIN_INTERVAL)
 
     async def write(self) -> None:
-        blob = encode(await self._store.get_all())
+        blob = self._encoder.encode(await self._store.get_all())
         try:
             # whole, then cut to length: a crash in between leaves a header that does not
             # match its body, which the next start refuses
