@@ -110,6 +110,11 @@ class ServiceManager:
         fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
         return Message(pid, fields, list(fds))
 
+    def passed(self) -> list[tuple[str, int]]:
+        """What the next start gets, in systemd's order: the newest first."""
+        self.take()  # what the last process said before it ended
+        return self.stored[::-1]
+
     def _apply(self, message: Message) -> None:
         name = message.fields.get("FDNAME", "stored")
         if message.fields.get("FDSTOREREMOVE") == "1":

@@ -47,6 +47,7 @@ from hubproxy.proxy import ProxyService
 from hubproxy.redirect import start_redirect
 from hubproxy.routing import RouteTable
 from hubproxy.store import RouteStore, StoreSpecError, StoreUnavailable, open_store
+from hubproxy.store.base import decode_row, encode_row
 from hubproxy.store.memory import MemoryStore
 from hubproxy.tls import CertificateWatcher, TLSError, ineffective_options
 from hubproxy.tls import build as build_tls
@@ -284,8 +285,8 @@ async def serve(config: Config) -> int | Reexec:
             giver_pid = message.get("pid")
             routes = message.get("routes")
             if isinstance(routes, dict) and isinstance(store, MemoryStore):
-                for key, data in routes.items():
-                    await store.add(key, data)
+                for key, (text, micros) in routes.items():
+                    await store.add(key, decode_row(text, micros))
             named = {name: bound.sock for name, bound in listeners.named()}
             log.info("Taking over from pid %s: %s", giver_pid, describe(named))
         else:
@@ -364,8 +365,14 @@ async def serve(config: Config) -> int | Reexec:
         await flusher.flush()
 
     async def routes_to_send() -> dict[str, Any] | None:
-        # other stores keep the routes (and the activity just flushed) for the taker
-        return await store.get_all() if isinstance(store, MemoryStore) else None
+        # other stores keep the routes (and the activity just flushed) for the taker; rows
+        # as the stores keep them: only a route's own last_activity is a time
+        if not isinstance(store, MemoryStore):
+            return None
+        routes = {key: encode_row(data) for key, data in (await store.get_all()).items()}
+        if keeper is not None:
+            await keeper.write()  # the table as handed over, should this pid crash now
+        return routes
 
     def giver(pair: Pair) -> Giver:
         named = [(name, bound.sock, bound.owns_path) for name, bound in listeners.named()]
@@ -495,7 +502,7 @@ async def serve(config: Config) -> int | Reexec:
                 if isinstance(giver_pid, int):
                     aftercare.add(loop.create_task(_reap(giver_pid)))
 
-        notify_ready(notifier)
+        await notify_ready(notifier)
         await stop.wait()
         (log.info if gave_away else log.warning)("%s", stop_reason[0])
     finally:

@@ -31,15 +31,18 @@ import stat
 import struct
 import zlib
 from collections.abc import Mapping, MutableMapping
+from datetime import datetime
 from typing import Any
 
-from hubproxy.store.base import RouteData, decode_row, encode_row
+from hubproxy.store.base import RouteData, decode_row, encode_row, to_micros
 from hubproxy.store.memory import MemoryStore
 
 log = logging.getLogger("hubproxy")
 
 NAME = "routes"  # FDNAME=, and LISTEN_FDNAMES' name for it when systemd passes it back
 MIN_INTERVAL = 1.0
+NOTIFY_SECONDS = 10.0  # how long a full notify socket is waited on
+MAX_SNAPSHOT = 1 << 30
 # activity alone: a crash loses at most this much of it (the hub keeps the newer time it has)
 ACTIVITY_SECONDS = 300.0
 _MAGIC = b"hubproxy-routes1"
@@ -54,30 +57,8 @@ def encode(routes: Mapping[str, RouteData]) -> bytes:
     return Encoder().encode(routes)
 
 
-class Encoder:
-    """Snapshots of one table, each route's row encoded again only when its data or its last
-    activity is another object: the memory store replaces a route's data on a change and its
-    `last_activity` on activity, so a table of 10,000 routes with a few changed costs a few
-    milliseconds on the event loop, not 50."""
-
-    def __init__(self) -> None:
-        self._rows: dict[str, tuple[RouteData, object, bytes]] = {}
-
-    def encode(self, routes: Mapping[str, RouteData]) -> bytes:
-        rows: dict[str, tuple[RouteData, object, bytes]] = {}
-        for key, data in routes.items():
-            activity = data.get("last_activity")
-            row = self._rows.get(key)
-            if row is None or row[0] is not data or row[1] is not activity:
-                text = json.dumps([key, *encode_row(data)], separators=(",", ":"))
-                row = (data, activity, text.encode())
-            rows[key] = row
-        self._rows = rows
-        body = b"[" + b",".join(row[2] for row in rows.values()) + b"]"
-        return _HEADER.pack(_MAGIC, len(body), zlib.crc32(body)) + body
-
-
 def decode(blob: bytes) -> dict[str, RouteData]:
+    """The routes of a snapshot, each row checked: what we take back is a table we wrote."""
     if len(blob) < _HEADER.size:
         raise SnapshotError(f"{len(blob)} bytes, shorter than a header")
     magic, length, crc = _HEADER.unpack_from(blob)
@@ -87,9 +68,79 @@ def decode(blob: bytes) -> dict[str, RouteData]:
     if len(body) != length or zlib.crc32(body) != crc:
         raise SnapshotError("cut short or torn (the process ended while writing it?)")
     try:
-        return {key: decode_row(text, micros) for key, text, micros in json.loads(body)}
-    except (ValueError, TypeError) as e:
+        rows = json.loads(body)
+        if not isinstance(rows, list):
+            raise ValueError("no list of rows")
+        routes = {}
+        for key, text, micros in rows:
+            data = decode_row(text, micros)
+            if not (isinstance(key, str) and key.startswith("/")):
+                raise ValueError(f"a route key {key!r}")
+            if not isinstance(data.get("target"), str):
+                raise ValueError(f"route {key}: no target")
+            routes[key] = data
+        return routes
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
         raise SnapshotError(f"unreadable rows: {e}") from e
+
+
+def _read(fd: int) -> bytes:
+    """The snapshot in `fd`: the header, then as many bytes as it says (never the rest)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise SnapshotError(f"file descriptor {fd} is no memory file")
+    header = os.pread(fd, _HEADER.size, 0)
+    if len(header) < _HEADER.size:
+        raise SnapshotError(f"{len(header)} bytes, shorter than a header")
+    magic, length, _crc = _HEADER.unpack(header)
+    if magic != _MAGIC:
+        raise SnapshotError("not a route table written by hubproxy")
+    if length > MAX_SNAPSHOT:
+        raise SnapshotError(f"a table of {length} bytes, more than {MAX_SNAPSHOT}")
+    chunks = [header]
+    offset = _HEADER.size
+    while offset < _HEADER.size + length:
+        chunk = os.pread(fd, min(1 << 20, _HEADER.size + length - offset), offset)
+        if not chunk:
+            break  # cut short: decode says so
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+class Encoder:
+    """Snapshots of one table, each route's row made again only as far as it changed. The
+    memory store replaces a route's data on a change but writes its `last_activity` in place,
+    so a route with only new activity costs its time's digits, one whose data and activity are
+    the same objects costs nothing: a write of 10,000 routes, all active, stays a few
+    milliseconds on the event loop."""
+
+    def __init__(self) -> None:
+        # key -> (data, its last_activity then, the row up to the time, the whole row)
+        self._rows: dict[str, tuple[RouteData, object, bytes, bytes]] = {}
+
+    def encode(self, routes: Mapping[str, RouteData]) -> bytes:
+        rows: dict[str, tuple[RouteData, object, bytes, bytes]] = {}
+        for key, data in routes.items():
+            activity = data.get("last_activity")
+            row = self._rows.get(key)
+            if row is None or row[0] is not data:
+                row = self._row(key, data, activity)
+            elif row[1] is not activity:
+                if isinstance(activity, datetime) and isinstance(row[1], datetime):
+                    head = row[2]
+                    row = (data, activity, head, head + b"%d]" % to_micros(activity))
+                else:  # a time where there was plain data, or the other way round
+                    row = self._row(key, data, activity)
+            rows[key] = row
+        self._rows = rows
+        body = b"[" + b",".join(row[3] for row in rows.values()) + b"]"
+        return _HEADER.pack(_MAGIC, len(body), zlib.crc32(body)) + body
+
+    @staticmethod
+    def _row(key: str, data: RouteData, activity: object) -> tuple[RouteData, object, bytes, bytes]:
+        text, micros = encode_row(data)
+        head = json.dumps([key, text], separators=(",", ":")).encode()[:-1] + b","
+        return (data, activity, head, head + (b"null]" if micros is None else b"%d]" % micros))
 
 
 class Notifier:
@@ -99,7 +150,7 @@ class Notifier:
         # `@name` is a socket in the abstract namespace (sd_notify(3))
         self._address = "\0" + address[1:] if address.startswith("@") else address
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        # a manager that does not read must not stall the event loop: such a send fails
+        # a manager slow to read must not stall the event loop: a full queue is waited on
         self._sock.setblocking(False)
 
     @classmethod
@@ -107,11 +158,21 @@ class Notifier:
         address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET")
         return cls(address) if address else None
 
-    def send(self, text: str, fds: list[int] | None = None) -> None:
-        """Raises OSError (the service manager is gone, or refuses the message)."""
+    async def send(self, text: str, fds: list[int] | None = None) -> None:
+        """Raises OSError (the service manager is gone, refuses the message, or has not read
+        for NOTIFY_SECONDS)."""
         # (not socket.send_fds: it drops the address)
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        self._sock.sendmsg([text.encode()], rights, 0, self._address)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + NOTIFY_SECONDS
+        while True:
+            try:
+                self._sock.sendmsg([text.encode()], rights, 0, self._address)
+                return
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
 
     def close(self) -> None:
         self._sock.close()
@@ -153,15 +214,17 @@ class RouteKeeper:
 
     async def stop(self, *, last_write: bool) -> None:
         """Stop following; `last_write`: write the table as it is now (a stop, after the last
-        activity reached the store) rather than leave the last snapshot (a hand-over: the new
-        process keeps it from now on)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if last_write:
-            await self.write()
-        os.close(self._fd)
+        activity reached the store) rather than leave the last snapshot (after a hand-over,
+        the table as handed over: the new process keeps it from then on)."""
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            if last_write:
+                await self.write()
+        finally:
+            os.close(self._fd)
 
     async def _keep(self) -> None:
         while True:
@@ -172,35 +235,28 @@ class RouteKeeper:
             await asyncio.sleep(MIN_INTERVAL)
 
     async def write(self) -> None:
-        blob = self._encoder.encode(await self._store.get_all())
+        """Write the table as it is now. Never raises: a table that cannot be written is
+        emptied, so that no stale one is restored later."""
         try:
+            blob = self._encoder.encode(await self._store.get_all())
             # whole, then cut to length: a crash in between leaves a header that does not
             # match its body, which the next start refuses
             written = os.pwrite(self._fd, blob, 0)
             if written != len(blob):
                 raise OSError(f"{written} of {len(blob)} bytes written")
             os.ftruncate(self._fd, len(blob))
-        except OSError as e:
+        except Exception as e:
             if not self._failing:
-                log.warning("Cannot keep the routes for a restart: %s", e)
+                log.warning("Cannot keep the routes for a restart: %s: %s", type(e).__name__, e)
             self._failing = True
+            self._encoder = Encoder()  # nothing it remembers is known to be written
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
             return
         if self._failing:
             log.info("Keeping the routes for a restart again")
         self._failing = False
         self.writes += 1
-
-
-def _read_whole(fd: int) -> bytes:
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise SnapshotError(f"file descriptor {fd} is no memory file")
-    chunks = []
-    offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 async def keep_routes(
@@ -210,52 +266,59 @@ async def keep_routes(
     environ: MutableMapping[str, str] | None = None,
 ) -> RouteKeeper | None:
     """Restore the routes systemd kept (`passed`: the descriptor named `routes`, if any) into
-    the memory store, then keep them from now on; None when there is nothing to keep (another
-    store, or no descriptor store). Never raises: the proxy starts without the routes."""
+    the memory store, then keep them from now on, the table written once before this returns
+    (before the proxy serves); None when there is nothing to keep (another store, or no
+    descriptor store). Never raises: the proxy starts without the routes."""
     if notifier is None or not store_enabled(environ) or not isinstance(store, MemoryStore):
         if passed is not None:
             os.close(passed)
             if notifier is not None:
                 # the other stores keep the routes themselves: no stale copy waits in systemd
-                _send(notifier, f"FDSTOREREMOVE=1\nFDNAME={NAME}")
+                await _send(notifier, f"FDSTOREREMOVE=1\nFDNAME={NAME}")
         return None
     fd = passed
     if fd is not None:
-        os.set_inheritable(fd, False)
         try:
-            routes = decode(_read_whole(fd))
+            os.set_inheritable(fd, False)
+            routes = decode(_read(fd))
         except (OSError, SnapshotError) as e:
             log.warning("Routes kept by the service manager unusable, starting without: %s", e)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            fd = None  # a new file, in its place
         else:
             for key, data in routes.items():
                 await store.add(key, data)
             log.info("Restored %d routes kept by the service manager", len(routes))
-    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
+    keeper: RouteKeeper
+    if fd is not None:
+        keeper = RouteKeeper(fd, store)
+        await keeper.write()
+    else:
         fd = os.memfd_create("hubproxy-routes", os.MFD_CLOEXEC)
-        # any older one goes first (after an upgrade in place, we did not get it passed)
-        sent = _send(notifier, f"FDSTOREREMOVE=1\nFDNAME={NAME}") and _send(
+        keeper = RouteKeeper(fd, store)
+        await keeper.write()  # before systemd has it: it never holds an empty file
+        # the older one goes (after an upgrade in place, or an unusable one)
+        sent = await _send(notifier, f"FDSTOREREMOVE=1\nFDNAME={NAME}") and await _send(
             notifier, f"FDSTORE=1\nFDNAME={NAME}", [fd]
         )
         if not sent:
             os.close(fd)
             return None
-    keeper = RouteKeeper(fd, store)
     keeper.start()
     return keeper
 
 
-def _send(notifier: Notifier, text: str, fds: list[int] | None = None) -> bool:
+async def _send(notifier: Notifier, text: str, fds: list[int] | None = None) -> bool:
     try:
-        notifier.send(text, fds)
+        await notifier.send(text, fds)
     except OSError as e:
         log.warning("Cannot tell the service manager %r: %s", text.split("\n")[0], e)
         return False
     return True
 
 
-def notify_ready(notifier: Notifier | None) -> None:
+async def notify_ready(notifier: Notifier | None) -> None:
     """`READY=1`, for `Type=notify`: the proxy serves."""
     if notifier is not None:
-        _send(notifier, "READY=1")
+        await _send(notifier, "READY=1")

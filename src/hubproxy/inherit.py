@@ -85,9 +85,10 @@ def adopt_named(fds: range | list[int], names: list[str] | None) -> Passed:
     files: dict[str, int] = {}
     for fd, name in zip(fds, names, strict=True):
         if name in FILE_NAMES:
-            if name in files:  # stored later, so newer
-                os.close(files[name])
-            files[name] = fd
+            if name in files:  # systemd passes the newest first (we store one only)
+                os.close(fd)
+            else:
+                files[name] = fd
             continue
         if name not in NAMES:
             raise InheritError(

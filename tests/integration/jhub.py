@@ -225,10 +225,9 @@ class Activation:
     def command(self, env: dict[str, str]) -> tuple[list[str], tuple[int, ...]]:
         """The command that starts hubproxy with the sockets and what the store holds (`env`
         gets the notify socket), and the descriptors to pass."""
-        self.manager.take()  # what the last process stored before it ended
         fds = [self.public.fileno(), self.api.fileno()]
         names = ["public", "api"]
-        for name, fd in self.manager.stored:
+        for name, fd in self.manager.passed():
             fds.append(fd)
             names.append(name)
         env.update(self.manager.environment())
