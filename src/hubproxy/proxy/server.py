@@ -88,6 +88,42 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots, not a dict: its fields are read in every callback, and with 30 of them an
+    # instance overflowed CPython's shared-key dict (each carried its own ~800-byte dict,
+    # and every attribute access took the slow path)
+    __slots__ = (
+        "active",
+        "after_upgrade",
+        "bytes_logged",
+        "bytes_received",
+        "bytes_sent",
+        "client_ip",
+        "closed",
+        "closed_at",
+        "eofs",
+        "fresh",
+        "gate",
+        "head_began",
+        "head_bytes",
+        "head_lines",
+        "held",
+        "idle_since",
+        "last_io",
+        "max_head",
+        "parse_held_soon",
+        "parser",
+        "parsing",
+        "queue",
+        "service",
+        "transport",
+        "tunnel",
+        "unfinished",
+        "unparsed",
+        "upgrading",
+        "upstream_out",
+        "writing_paused",
+    )
+
     def __init__(self, service: ProxyService) -> None:
         self.service = service
         self.parser = httptools.HttpRequestParser(self)

@@ -103,6 +103,30 @@ class BadResponse(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
+    # slots: read in every callback, and one per idle pooled connection or open tunnel
+    __slots__ = (
+        "ends_at_close",
+        "full",
+        "gate",
+        "head_bytes",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "last_io",
+        "out",
+        "parser",
+        "phase",
+        "pool",
+        "reason",
+        "relay",
+        "request",
+        "reused",
+        "skip_body",
+        "status",
+        "transport",
+        "unparsed",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.phase = NEW
