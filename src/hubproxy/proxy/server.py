@@ -626,7 +626,6 @@ class ClientConnection(asyncio.Protocol):
             raise RuntimeError("a target connection for a request that is not being answered")
         now = self.last_io
         request.link(conn)
-        conn.expect_response(now)
         if self.writing_paused:  # the client is not reading: nor do we, from its new upstream
             conn.client_full()
         if conn.full:  # a pooled connection whose last request's bytes are still queued
@@ -653,7 +652,9 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, request: Request, status: int) -> None:
         """The upstream's answer to `request` has been written in full."""
-        self.gate.resume(UPSTREAM_FULL)  # the target connection is gone: its reason too
+        gate = self.gate
+        if gate.reasons & UPSTREAM_FULL:  # the target connection is gone: its reason too
+            gate.resume(UPSTREAM_FULL)  # (guarded here: this runs per request, and rarely is)
         service = self.service
         route = request.route
         if route is not None and status < 300:
@@ -719,7 +720,7 @@ class ClientConnection(asyncio.Protocol):
             self.idle_since = time.monotonic()
             if self.head_began:  # the next head's clock runs from now: we were not reading
                 self.head_began = self.idle_since
-            if not self.held:
+            if not self.held and self.gate.reasons & PIPELINE:  # per request: a call saved
                 self.gate.resume(PIPELINE)
         if self.held and not self.parse_held_soon and len(self.queue) < MAX_PIPELINED:
             # not now: this may run inside a parser callback, and the parser is not re-entrant

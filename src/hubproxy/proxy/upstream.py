@@ -168,16 +168,25 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.idle_closed(self)
 
     def lend(self, reused: bool) -> None:
-        """The pool lends this connection (new, or idle until now)."""
+        """The pool lends this connection (new, or idle until now): it expects a new answer.
+        (The request's `send` stamps `last_io`; the pool has no clock to pass here.)"""
         self._enter(WAITING)
         self.reused = reused
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.head_bytes = self.unparsed = 0
+        self.relay = RELAY_NONE
+        self.ends_at_close = self.skip_body = self.keep_alive = False
 
     def rest(self) -> None:
         """Back in the pool, idle: reading resumes whatever the last client made us pause for,
         so that a target closing it is noticed."""
         self._enter(IDLE)
         self.idle_since = time.monotonic()
-        self.gate.resume(CLIENT_FULL)
+        gate = self.gate
+        if gate.reasons & CLIENT_FULL:  # per request, and rarely raised: a call saved
+            gate.resume(CLIENT_FULL)
 
     @property
     def answering(self) -> bool:
@@ -191,17 +200,6 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def expect_response(self, now: float) -> None:
-        """A request is linked (Request.link) and its head about to be sent: expect its
-        answer."""
-        self.last_io = now
-        self.status = 0
-        self.reason = b""
-        self.headers = []
-        self.head_bytes = self.unparsed = 0
-        self.relay = RELAY_NONE
-        self.ends_at_close = self.skip_body = self.keep_alive = False
 
     def close(self) -> None:
         if self.phase is not CLOSED:
