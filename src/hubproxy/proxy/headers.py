@@ -143,15 +143,18 @@ def build_request_head(
         port = split_host(host)[1] if host else None
         if port is None:
             port = b"443" if proto in (b"https", b"wss") else b"80"
-        forwarded = [
-            (b"x-forwarded-for", b"X-Forwarded-For: ", xff, client_ip),
-            (b"x-forwarded-port", b"X-Forwarded-Port: ", xfport, port),
-            (b"x-forwarded-proto", b"X-Forwarded-Proto: ", xfproto, proto),
-        ]
-        for lowered, label, existing, value in forwarded:
-            if lowered not in rules.custom_xf:
-                out += (label, value if existing is None else existing + b"," + value, b"\r\n")
-        if not websocket and b"x-forwarded-host" not in rules.custom_xf:
+        # spelt out, not a loop over a list of tuples: this runs for every request
+        custom_xf = rules.custom_xf
+        if b"x-forwarded-for" not in custom_xf:
+            value = client_ip if xff is None else xff + b"," + client_ip
+            out += (b"X-Forwarded-For: ", value, b"\r\n")
+        if b"x-forwarded-port" not in custom_xf:
+            value = port if xfport is None else xfport + b"," + port
+            out += (b"X-Forwarded-Port: ", value, b"\r\n")
+        if b"x-forwarded-proto" not in custom_xf:
+            value = proto if xfproto is None else xfproto + b"," + proto
+            out += (b"X-Forwarded-Proto: ", value, b"\r\n")
+        if not websocket and b"x-forwarded-host" not in custom_xf:
             # CHP sends none on WebSocket upgrades, and never appends to it
             out += (b"X-Forwarded-Host: ", xfhost or host or b"", b"\r\n")
     if rules.custom:
