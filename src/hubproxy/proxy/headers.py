@@ -222,19 +222,22 @@ def filter_response_headers(headers: Headers) -> tuple[Headers, bytes | None]:
     """Drop hop-by-hop headers; also return the Content-Length value if there is one."""
     kept: Headers = []
     length = None
-    named: set[bytes] = set()
+    named: set[bytes] | None = None  # made only for a Connection header (runs per response)
     for name, value in headers:
         lowered = name.lower()
         if lowered in _RESPONSE_DROP:
             if lowered == b"connection":
+                if named is None:
+                    named = set()
                 named.update(o.strip().lower() for o in value.split(b","))
             continue
         if lowered == b"content-length":
             length = value
         kept.append((name, value))
-    named -= _CONNECTION_OPTIONS
     if named:
-        kept = [(n, v) for n, v in kept if n.lower() not in named]
+        named -= _CONNECTION_OPTIONS
+        if named:
+            kept = [(n, v) for n, v in kept if n.lower() not in named]
     return kept, length
 
 
