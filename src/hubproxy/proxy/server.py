@@ -138,7 +138,9 @@ class ClientConnection(asyncio.Protocol):
         # the upgrade request that ended HTTP on this connection; until its 101 (and the tunnel)
         # what the client sends after it waits in `after_upgrade`, never reaching the target
         self.upgrading: Request | None = None
-        self.after_upgrade: list[bytes] = []
+        # (made by the first such bytes: most connections never upgrade, and a tunnel needs
+        # it no more, for as long as it lasts)
+        self.after_upgrade: list[bytes] | None = None
         self.held = b""  # bytes read but not parsed yet (MAX_PIPELINED requests wait)
         self.parse_held_soon = False
         self.writing_paused = False  # the client's write buffer is over its high-water mark
@@ -282,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
                     self.service.table.mark_active(active.route)
             return
         if self.upgrading is not None:  # reading is paused; a TLS record may still come
-            self.after_upgrade.append(data)
+            self._hold_after_upgrade(data)
             return
         if not self.head_began and self.active is None and self.unfinished is None:
             # bytes between requests start the head clock even if they begin no head (blank
@@ -307,7 +309,7 @@ class ClientConnection(asyncio.Protocol):
             end = start + FEED_SLICE
             if not self._parse(view[start:end]):
                 if self.upgrading is not None and end < len(data):
-                    self.after_upgrade.append(data[end:])
+                    self._hold_after_upgrade(data[end:])
                 return
 
     def _parse(self, data: bytes | memoryview) -> bool:
@@ -323,7 +325,7 @@ class ClientConnection(asyncio.Protocol):
             self.gate.pause(UPGRADE)
             rest = bytes(data[upgrade.args[0] :])
             if rest:
-                self.after_upgrade.append(rest)
+                self._hold_after_upgrade(rest)
             return False
         except httptools.HttpParserCallbackError as e:
             # raised inside one of our callbacks: an oversized head, or a bug of ours
@@ -347,6 +349,12 @@ class ClientConnection(asyncio.Protocol):
         if self.unparsed > self.max_head:
             self._bad_request(431, HeadTooLarge(f"{self.unparsed} bytes of an unfinished head"))
         return not self.closed
+
+    def _hold_after_upgrade(self, data: bytes) -> None:
+        if self.after_upgrade is None:
+            self.after_upgrade = [data]
+        else:
+            self.after_upgrade.append(data)
 
     def _parse_held(self) -> None:
         """Answers have made room in the pipeline: parse what was held back."""
@@ -473,7 +481,10 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.upstream_out.append(body)
         elif sink is BUFFER:
-            request.pending.append(body)
+            if request.pending is None:
+                request.pending = [body]
+            else:
+                request.pending.append(body)
         # else (DROP): answered already; the rest of the body is read and dropped
 
     def on_message_complete(self) -> None:
@@ -641,7 +652,7 @@ class ClientConnection(asyncio.Protocol):
                     out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
             else:
                 out += pending
-            request.pending = []
+            request.pending = None
         if request.complete and request.body_kind == CHUNKED_BODY:
             out.append(b"0\r\n\r\n")
         conn.send(b"".join(out) if len(out) > 1 else head, now)
@@ -837,7 +848,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.upgrading = None
-        after, self.after_upgrade = self.after_upgrade, []
+        after, self.after_upgrade = self.after_upgrade, None
         if after and request.upstream is not None:  # what the client sent after its request
             request.upstream.send(b"".join(after), self.last_io)
         self.gate.resume(PIPELINE | CONNECTING | UPGRADE)
