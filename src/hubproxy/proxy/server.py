@@ -711,7 +711,11 @@ class ClientConnection(asyncio.Protocol):
             self.unfinished = request
             self.idle_since = time.monotonic()
             return
-        self._after(request)
+        # _after, inlined: this is every request's way out
+        if not request.keep_alive or self.service.draining:
+            self.close()
+        else:
+            self._next()
 
     def _after(self, request: Request) -> None:
         """`request` is answered and read to its end: close, or go on to the next one."""
