@@ -86,7 +86,6 @@ async def linked(reused: bool = False, websocket: bool = False) -> Leg:
     request.complete = True
     request.upgrade = request.websocket = websocket
     request.link(conn)
-    conn.expect_response(0.0)
     return Leg(pool, target, client, request)
 
 

@@ -138,7 +138,9 @@ class Request:
         self.head = False
         self.complete = False  # parsed to its end (body and trailers)
         self.sink = BUFFER
-        self.pending: list[bytes] = []  # body chunks parsed before a target was linked
+        # body chunks parsed before a target was linked (made by the first: most requests
+        # have no body, and a linked one needs it no more)
+        self.pending: list[bytes] | None = None
         self.route: Route | None = None
         self.host: bytes | None = None
         self.body_kind = NO_BODY
@@ -165,4 +167,4 @@ class Request:
     def answered_here(self) -> None:
         """The proxy answers this request itself: the rest of its body is dropped."""
         self.sink = DROP
-        self.pending = []
+        self.pending = None

@@ -143,15 +143,18 @@ def build_request_head(
         port = split_host(host)[1] if host else None
         if port is None:
             port = b"443" if proto in (b"https", b"wss") else b"80"
-        forwarded = [
-            (b"x-forwarded-for", b"X-Forwarded-For: ", xff, client_ip),
-            (b"x-forwarded-port", b"X-Forwarded-Port: ", xfport, port),
-            (b"x-forwarded-proto", b"X-Forwarded-Proto: ", xfproto, proto),
-        ]
-        for lowered, label, existing, value in forwarded:
-            if lowered not in rules.custom_xf:
-                out += (label, value if existing is None else existing + b"," + value, b"\r\n")
-        if not websocket and b"x-forwarded-host" not in rules.custom_xf:
+        # spelt out, not a loop over a list of tuples: this runs for every request
+        custom_xf = rules.custom_xf
+        if b"x-forwarded-for" not in custom_xf:
+            value = client_ip if xff is None else xff + b"," + client_ip
+            out += (b"X-Forwarded-For: ", value, b"\r\n")
+        if b"x-forwarded-port" not in custom_xf:
+            value = port if xfport is None else xfport + b"," + port
+            out += (b"X-Forwarded-Port: ", value, b"\r\n")
+        if b"x-forwarded-proto" not in custom_xf:
+            value = proto if xfproto is None else xfproto + b"," + proto
+            out += (b"X-Forwarded-Proto: ", value, b"\r\n")
+        if not websocket and b"x-forwarded-host" not in custom_xf:
             # CHP sends none on WebSocket upgrades, and never appends to it
             out += (b"X-Forwarded-Host: ", xfhost or host or b"", b"\r\n")
     if rules.custom:
@@ -219,19 +222,22 @@ def filter_response_headers(headers: Headers) -> tuple[Headers, bytes | None]:
     """Drop hop-by-hop headers; also return the Content-Length value if there is one."""
     kept: Headers = []
     length = None
-    named: set[bytes] = set()
+    named: set[bytes] | None = None  # made only for a Connection header (runs per response)
     for name, value in headers:
         lowered = name.lower()
         if lowered in _RESPONSE_DROP:
             if lowered == b"connection":
+                if named is None:
+                    named = set()
                 named.update(o.strip().lower() for o in value.split(b","))
             continue
         if lowered == b"content-length":
             length = value
         kept.append((name, value))
-    named -= _CONNECTION_OPTIONS
     if named:
-        kept = [(n, v) for n, v in kept if n.lower() not in named]
+        named -= _CONNECTION_OPTIONS
+        if named:
+            kept = [(n, v) for n, v in kept if n.lower() not in named]
     return kept, length
 
 

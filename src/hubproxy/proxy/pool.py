@@ -17,7 +17,7 @@ import time
 from hubproxy.config import Config
 from hubproxy.proxy.headers import LocationRewrite
 from hubproxy.proxy.target import Target, parse_target
-from hubproxy.proxy.upstream import Phase, UpstreamConnection
+from hubproxy.proxy.upstream import CLOSED, UpstreamConnection
 from hubproxy.tls import client_context
 
 MAX_IDLE_PER_TARGET = 256  # Node's keep-alive agent keeps as many free sockets
@@ -120,7 +120,7 @@ class Pool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """A lent connection comes back: kept idle if it can serve another request."""
-        if conn.phase is Phase.CLOSED:
+        if conn.phase is CLOSED:  # a module global: an Enum's class attribute costs ~70 ns
             return
         if len(self.idle) >= MAX_IDLE_PER_TARGET:
             conn.close()

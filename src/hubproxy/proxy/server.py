@@ -88,6 +88,42 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots, not a dict: its fields are read in every callback, and with 30 of them an
+    # instance overflowed CPython's shared-key dict (each carried its own ~800-byte dict,
+    # and every attribute access took the slow path)
+    __slots__ = (
+        "active",
+        "after_upgrade",
+        "bytes_logged",
+        "bytes_received",
+        "bytes_sent",
+        "client_ip",
+        "closed",
+        "closed_at",
+        "eofs",
+        "fresh",
+        "gate",
+        "head_began",
+        "head_bytes",
+        "head_lines",
+        "held",
+        "idle_since",
+        "last_io",
+        "max_head",
+        "parse_held_soon",
+        "parser",
+        "parsing",
+        "queue",
+        "service",
+        "transport",
+        "tunnel",
+        "unfinished",
+        "unparsed",
+        "upgrading",
+        "upstream_out",
+        "writing_paused",
+    )
+
     def __init__(self, service: ProxyService) -> None:
         self.service = service
         self.parser = httptools.HttpRequestParser(self)
@@ -102,7 +138,9 @@ class ClientConnection(asyncio.Protocol):
         # the upgrade request that ended HTTP on this connection; until its 101 (and the tunnel)
         # what the client sends after it waits in `after_upgrade`, never reaching the target
         self.upgrading: Request | None = None
-        self.after_upgrade: list[bytes] = []
+        # (made by the first such bytes: most connections never upgrade, and a tunnel needs
+        # it no more, for as long as it lasts)
+        self.after_upgrade: list[bytes] | None = None
         self.held = b""  # bytes read but not parsed yet (MAX_PIPELINED requests wait)
         self.parse_held_soon = False
         self.writing_paused = False  # the client's write buffer is over its high-water mark
@@ -246,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
                     self.service.table.mark_active(active.route)
             return
         if self.upgrading is not None:  # reading is paused; a TLS record may still come
-            self.after_upgrade.append(data)
+            self._hold_after_upgrade(data)
             return
         if not self.head_began and self.active is None and self.unfinished is None:
             # bytes between requests start the head clock even if they begin no head (blank
@@ -271,7 +309,7 @@ class ClientConnection(asyncio.Protocol):
             end = start + FEED_SLICE
             if not self._parse(view[start:end]):
                 if self.upgrading is not None and end < len(data):
-                    self.after_upgrade.append(data[end:])
+                    self._hold_after_upgrade(data[end:])
                 return
 
     def _parse(self, data: bytes | memoryview) -> bool:
@@ -287,7 +325,7 @@ class ClientConnection(asyncio.Protocol):
             self.gate.pause(UPGRADE)
             rest = bytes(data[upgrade.args[0] :])
             if rest:
-                self.after_upgrade.append(rest)
+                self._hold_after_upgrade(rest)
             return False
         except httptools.HttpParserCallbackError as e:
             # raised inside one of our callbacks: an oversized head, or a bug of ours
@@ -311,6 +349,12 @@ class ClientConnection(asyncio.Protocol):
         if self.unparsed > self.max_head:
             self._bad_request(431, HeadTooLarge(f"{self.unparsed} bytes of an unfinished head"))
         return not self.closed
+
+    def _hold_after_upgrade(self, data: bytes) -> None:
+        if self.after_upgrade is None:
+            self.after_upgrade = [data]
+        else:
+            self.after_upgrade.append(data)
 
     def _parse_held(self) -> None:
         """Answers have made room in the pipeline: parse what was held back."""
@@ -437,7 +481,10 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.upstream_out.append(body)
         elif sink is BUFFER:
-            request.pending.append(body)
+            if request.pending is None:
+                request.pending = [body]
+            else:
+                request.pending.append(body)
         # else (DROP): answered already; the rest of the body is read and dropped
 
     def on_message_complete(self) -> None:
@@ -590,7 +637,6 @@ class ClientConnection(asyncio.Protocol):
             raise RuntimeError("a target connection for a request that is not being answered")
         now = self.last_io
         request.link(conn)
-        conn.expect_response(now)
         if self.writing_paused:  # the client is not reading: nor do we, from its new upstream
             conn.client_full()
         if conn.full:  # a pooled connection whose last request's bytes are still queued
@@ -606,7 +652,7 @@ class ClientConnection(asyncio.Protocol):
                     out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
             else:
                 out += pending
-            request.pending = []
+            request.pending = None
         if request.complete and request.body_kind == CHUNKED_BODY:
             out.append(b"0\r\n\r\n")
         conn.send(b"".join(out) if len(out) > 1 else head, now)
@@ -617,7 +663,9 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, request: Request, status: int) -> None:
         """The upstream's answer to `request` has been written in full."""
-        self.gate.resume(UPSTREAM_FULL)  # the target connection is gone: its reason too
+        gate = self.gate
+        if gate.reasons & UPSTREAM_FULL:  # the target connection is gone: its reason too
+            gate.resume(UPSTREAM_FULL)  # (guarded here: this runs per request, and rarely is)
         service = self.service
         route = request.route
         if route is not None and status < 300:
@@ -663,7 +711,11 @@ class ClientConnection(asyncio.Protocol):
             self.unfinished = request
             self.idle_since = time.monotonic()
             return
-        self._after(request)
+        # _after, inlined: this is every request's way out
+        if not request.keep_alive or self.service.draining:
+            self.close()
+        else:
+            self._next()
 
     def _after(self, request: Request) -> None:
         """`request` is answered and read to its end: close, or go on to the next one."""
@@ -683,7 +735,7 @@ class ClientConnection(asyncio.Protocol):
             self.idle_since = time.monotonic()
             if self.head_began:  # the next head's clock runs from now: we were not reading
                 self.head_began = self.idle_since
-            if not self.held:
+            if not self.held and self.gate.reasons & PIPELINE:  # per request: a call saved
                 self.gate.resume(PIPELINE)
         if self.held and not self.parse_held_soon and len(self.queue) < MAX_PIPELINED:
             # not now: this may run inside a parser callback, and the parser is not re-entrant
@@ -800,7 +852,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.upgrading = None
-        after, self.after_upgrade = self.after_upgrade, []
+        after, self.after_upgrade = self.after_upgrade, None
         if after and request.upstream is not None:  # what the client sent after its request
             request.upstream.send(b"".join(after), self.last_io)
         self.gate.resume(PIPELINE | CONNECTING | UPGRADE)

@@ -65,10 +65,14 @@ class Phase(enum.Enum):
     TUNNEL = "tunnel"  # after 101: bytes both ways; never back in a pool
     CLOSED = "closed"
 
-    # set below, for `_enter`: a bit per phase, the bits of the phases it may go to, and
-    # whether a connection in this phase is on loan from its pool
+    # set below, for `_enter`: a bit per phase, the bits of the phases it may go to (and of
+    # those among them that leave the pool's counts alone, begin a loan, end one), and whether
+    # a connection in this phase is on loan from its pool
     bit: int
     allowed: int
+    quiet: int
+    begins: int
+    ends: int
     lent: bool
 
 
@@ -88,6 +92,9 @@ for _i, _phase in enumerate(Phase):
     _phase.lent = _phase in LENT
 for _phase, _to in _NEXT.items():
     _phase.allowed = sum(p.bit for p in _to)
+    _phase.quiet = sum(p.bit for p in _to if p.lent is _phase.lent and _phase is not Phase.IDLE)
+    _phase.begins = sum(p.bit for p in _to if p.lent and not _phase.lent)
+    _phase.ends = sum(p.bit for p in _to if _phase.lent and not p.lent)
 
 # the hot path reads these as module globals (an Enum's class attribute costs ~90 ns)
 NEW, IDLE, WAITING, HEAD, BODY, DONE, TUNNEL, CLOSED = Phase
@@ -103,6 +110,30 @@ class BadResponse(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
+    # slots: read in every callback, and one per idle pooled connection or open tunnel
+    __slots__ = (
+        "ends_at_close",
+        "full",
+        "gate",
+        "head_bytes",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "last_io",
+        "out",
+        "parser",
+        "phase",
+        "pool",
+        "reason",
+        "relay",
+        "request",
+        "reused",
+        "skip_body",
+        "status",
+        "transport",
+        "unparsed",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.phase = NEW
@@ -131,29 +162,44 @@ class UpstreamConnection(asyncio.Protocol):
     # -- phases ----------------------------------------------------------------------------------
 
     def _enter(self, phase: Phase) -> None:
+        # every request makes five moves, each told apart by one bit test, commonest first
+        # (the pool's counts change on two of them)
         old = self.phase
-        if not old.allowed & phase.bit:
-            raise InvalidTransition(f"upstream connection: {old.name} -> {phase.name}")
-        self.phase = phase
-        if old.lent is not phase.lent:
-            if phase.lent:
-                self.pool.loan_began()
-            else:
-                self.pool.loan_ended()
-        elif old is IDLE:
+        bit = phase.bit
+        if old.quiet & bit:
+            self.phase = phase
+        elif old.begins & bit:
+            self.phase = phase
+            self.pool.loan_began()
+        elif old.ends & bit:
+            self.phase = phase
+            self.pool.loan_ended()
+        elif old.allowed & bit:  # what is left: an idle connection closes
+            self.phase = phase
             self.pool.idle_closed(self)
+        else:
+            raise InvalidTransition(f"upstream connection: {old.name} -> {phase.name}")
 
     def lend(self, reused: bool) -> None:
-        """The pool lends this connection (new, or idle until now)."""
+        """The pool lends this connection (new, or idle until now): it expects a new answer.
+        (The request's `send` stamps `last_io`; the pool has no clock to pass here.)"""
         self._enter(WAITING)
         self.reused = reused
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.head_bytes = self.unparsed = 0
+        self.relay = RELAY_NONE
+        self.ends_at_close = self.skip_body = self.keep_alive = False
 
     def rest(self) -> None:
         """Back in the pool, idle: reading resumes whatever the last client made us pause for,
         so that a target closing it is noticed."""
         self._enter(IDLE)
         self.idle_since = time.monotonic()
-        self.gate.resume(CLIENT_FULL)
+        gate = self.gate
+        if gate.reasons & CLIENT_FULL:  # per request, and rarely raised: a call saved
+            gate.resume(CLIENT_FULL)
 
     @property
     def answering(self) -> bool:
@@ -167,17 +213,6 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def expect_response(self, now: float) -> None:
-        """A request is linked (Request.link) and its head about to be sent: expect its
-        answer."""
-        self.last_io = now
-        self.status = 0
-        self.reason = b""
-        self.headers = []
-        self.head_bytes = self.unparsed = 0
-        self.relay = RELAY_NONE
-        self.ends_at_close = self.skip_body = self.keep_alive = False
 
     def close(self) -> None:
         if self.phase is not CLOSED:
@@ -408,18 +443,16 @@ class UpstreamConnection(asyncio.Protocol):
         rewrite = self.pool.rewrite
         if rewrite is not None and status in REWRITE_STATUSES:
             headers = rewrite_locations(headers, rewrite, self.pool.target, request.host)
-        framing = response_framing(
+        self.relay, self.ends_at_close, skip_body, keep_client = response_framing(
             status, self.headers, length, request.head, request.http11, request.websocket
         )
-        self.relay = framing.relay
-        self.ends_at_close = framing.ends_at_close
         client = request.client
-        extra = client.connection_header(request, framing.keep_client)
-        if framing.relay == RELAY_CHUNKED:
+        extra = client.connection_header(request, keep_client)
+        if self.relay == RELAY_CHUNKED:
             extra = b"Transfer-Encoding: chunked\r\n" + extra
         self.out.append(response_head(status_line(status, self.reason), headers, extra))
         client.count_response(status)
-        if framing.skip_body:
+        if skip_body:
             # llhttp expects a body (until EOF without a length) and says "not keep-alive"; a
             # HEAD response has none, so it ends here, judged by version and Connection alone
             self.skip_body = True
