@@ -182,41 +182,38 @@ MOVES = {
 }
 
 
-class CountingPool:
-    def __init__(self) -> None:
-        self.lent = 0
-        self.idle: list[object] = []
-
-    def loan_began(self) -> None:
-        self.lent += 1
-
-    def loan_ended(self) -> None:
-        self.lent -= 1
-
-    def idle_closed(self, conn: object) -> None:
-        self.idle.remove(conn)
-
-
 @pytest.mark.parametrize("old", list(Phase))
 @pytest.mark.parametrize("new", list(Phase))
-def test_the_phase_table(old: Phase, new: Phase) -> None:
-    """Each allowed move changes the pool's lent count by the change in `lent`, and nothing
-    else; a move the table does not allow raises (a bug is loud)."""
-    from hubproxy.proxy.upstream import UpstreamConnection
+async def test_the_phase_table(old: Phase, new: Phase) -> None:
+    """Each allowed move keeps the pool's counts true (lent: the connection is in a LENT phase;
+    idle: it is IDLE, and in the idle list), and a move the table does not allow raises (a
+    bug is loud)."""
+    from hubproxy.proxy.pool import Pool
+    from hubproxy.proxy.target import parse_target
+    from hubproxy.proxy.upstream import MEMBER, UpstreamConnection
 
-    pool = CountingPool()
-    conn = UpstreamConnection(pool)  # type: ignore[arg-type]
+    pool = Pool(parse_target("http://127.0.0.1:1"), None)
+    conn = UpstreamConnection(pool)
     conn.phase = old
-    pool.lent = 1 if old in LENT else 0
+    pool.members = 1 if old in MEMBER else 0
     if old is Phase.IDLE:
         pool.idle.append(conn)
+    assert pool.lent == (1 if old in LENT else 0)
     allowed = (old, new) in MOVES or (new is Phase.CLOSED and old is not Phase.CLOSED)
     if not allowed:
         with pytest.raises(InvalidTransition):
             conn._enter(new)
+        assert conn.phase is old
         return
-    conn._enter(new)
+    if new is Phase.IDLE:  # as Pool.release gives it back
+        conn._enter(new)
+        pool.idle.append(conn)
+    elif old is Phase.IDLE and new is Phase.WAITING:  # as Pool.take lends it
+        pool.idle.remove(conn)
+        conn._enter(new)
+    else:
+        conn._enter(new)
     assert conn.phase is new
     assert pool.lent == (1 if new in LENT else 0)
-    if old is Phase.IDLE and new is Phase.CLOSED:
-        assert pool.idle == []
+    assert pool.idle == ([conn] if new is Phase.IDLE else [])
+    assert pool.unused is (new not in MEMBER)

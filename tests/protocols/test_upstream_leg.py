@@ -29,11 +29,8 @@ class RecordingClient:
     def send_parts(self, parts: list[bytes], now: float) -> None:
         self.sent.append(b"".join(parts))
 
-    def connection_header(self, request: Request, keep: bool = True) -> bytes:
+    def answer_begins(self, request: Request, status: int, keep: bool) -> bytes:
         return KEEP_ALIVE if keep else CLOSE
-
-    def count_response(self, status: int) -> None:
-        pass
 
     def response_done(self, request: Request, status: int) -> None:
         self.calls.append(("response_done", status))

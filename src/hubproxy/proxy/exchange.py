@@ -65,11 +65,10 @@ class ClientSide(Protocol):
     def send_parts(self, parts: list[bytes], now: float) -> None:
         """Write several pieces at once."""
 
-    def connection_header(self, request: Request, keep: bool) -> bytes:
-        """The Connection header of the answer to `request`; `keep`: the response allows the
-        client connection to serve another request."""
-
-    def count_response(self, status: int) -> None: ...
+    def answer_begins(self, request: Request, status: int, keep: bool) -> bytes:
+        """The target's answer to `request` (its `status`) is about to go out: it is counted,
+        and the Connection header its head ends with is returned (`keep`: the response allows
+        the client connection to serve another request)."""
 
     def response_done(self, request: Request, status: int) -> None:
         """The answer to `request` has been relayed whole (the link is already undone)."""

@@ -338,9 +338,11 @@ def upgrades_to_websocket(headers: Headers) -> bool:
     return any(n.lower() == b"upgrade" and v.strip().lower() == b"websocket" for n, v in headers)
 
 
-def response_head(status_line: bytes, headers: Headers, extra: bytes) -> bytes:
-    """A response head: its status line, `headers`, then `extra` (pre-rendered lines)."""
-    parts = [status_line]
+def response_head(status: int, phrase: bytes, headers: Headers, extra: bytes) -> bytes:
+    """A relayed response head: its status line (with the target's own reason `phrase`, as it
+    sent it), `headers`, then `extra` (pre-rendered lines). The proxy's own answers take their
+    status lines from `status.status_line`."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     parts += (extra, b"\r\n")

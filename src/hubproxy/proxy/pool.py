@@ -1,10 +1,11 @@
 """Connections to targets, one `Pool` per origin, kept by `Pools`.
 
 A pool lends connections (`take` an idle one, or `connect` a new one), gets them back
-(`release`), and forgets the ones that close or become tunnels. Its counts change in its own
-methods only, and only when a connection changes phase (`UpstreamConnection` calls
-`loan_began`, `loan_ended` and `idle_closed` from its one transition method), so the gauges
-cannot drift whichever way an exchange ends.
+(`release`), and forgets the ones that close or become tunnels. Its members are the connections
+lent or idle; they join and leave only when a connection changes phase (`UpstreamConnection`
+calls `joined` and `left` from its one transition method), and the lent count is derived (the
+members less the idle ones), so the gauges cannot drift whichever way an exchange ends, and a
+request that reuses a connection changes no count at all.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Pool:
     __slots__ = (
         "connecting",
         "idle",
-        "lent",
         "loop",
+        "members",
         "max_head",
         "rewrite",
         "ssl_context",
@@ -71,9 +72,14 @@ class Pool:
         self.ssl_context = ssl_context
         self.rewrite = rewrite  # Location rewriting (--auto-rewrite, --protocol-rewrite)
         self.idle: list[UpstreamConnection] = []
-        self.lent = 0  # connections serving an exchange (phases in upstream.LENT)
+        self.members = 0  # connections lent or idle (phases in upstream.MEMBER)
         self.connecting = 0  # connections being made
         self.loop = asyncio.get_running_loop()
+
+    @property
+    def lent(self) -> int:
+        """Connections serving an exchange (phases in upstream.LENT)."""
+        return self.members - len(self.idle)
 
     @property
     def in_use(self) -> int:
@@ -83,7 +89,7 @@ class Pool:
     @property
     def unused(self) -> bool:
         """Nothing lent, nothing being connected, nothing idle: the pool may be forgotten."""
-        return not self.lent and not self.connecting and not self.idle
+        return not self.members and not self.connecting
 
     # -- lending and giving back -------------------------------------------------------------------
 
@@ -128,16 +134,17 @@ class Pool:
         conn.rest()
         self.idle.append(conn)
 
-    # -- counts: called by UpstreamConnection._enter, and only there -------------------------------
+    # -- membership: called by UpstreamConnection._enter, and only there ---------------------------
 
-    def loan_began(self) -> None:
-        self.lent += 1
+    def joined(self) -> None:
+        """A new connection is lent for the first time."""
+        self.members += 1
 
-    def loan_ended(self) -> None:
-        self.lent -= 1
-
-    def idle_closed(self, conn: UpstreamConnection) -> None:
-        self.idle.remove(conn)
+    def left(self, conn: UpstreamConnection, was_idle: bool) -> None:
+        """A connection closed, or became a tunnel (no longer ours to lend)."""
+        self.members -= 1
+        if was_idle:
+            self.idle.remove(conn)
 
     # -- idle connections --------------------------------------------------------------------------
 

@@ -55,6 +55,8 @@ class ProxyService:
         self.host_routing = config.host_routing
         self.include_prefix = config.include_prefix
         self.prepend_path = config.prepend_path
+        # the defaults: a request to a `plain` target goes with its own path and query
+        self.paths_kept = self.include_prefix and self.prepend_path
         public_tls = bool(config.ssl_key or config.ssl_cert)  # X-Forwarded-Proto
         self.proto = b"https" if public_tls else b"http"
         self.ws_proto = b"wss" if public_tls else b"ws"

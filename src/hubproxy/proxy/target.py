@@ -27,6 +27,7 @@ class Target:
     path: str  # the target's own path ("/" when it has none)
     query: str  # the target's own query, without "?"
     netloc: bytes  # `host[:port]` as a Host header names this target (port only if not default)
+    plain: bool  # no path of its own ("/") and no query: requests keep theirs as they are
 
     @property
     def pool_key(self) -> tuple[str, str, int, str | None]:
@@ -54,6 +55,7 @@ def parse_target(url: str) -> Target:
             path=path or "/",
             query=query,
             netloc=b"localhost",
+            plain=(path or "/") == "/" and not query,
         )
     try:
         parts = urllib.parse.urlsplit(url)
@@ -82,4 +84,5 @@ def parse_target(url: str) -> Target:
         path=parts.path or "/",
         query=parts.query,
         netloc=netloc.encode("idna" if not netloc.isascii() else "ascii"),
+        plain=(parts.path or "/") == "/" and not parts.query,
     )

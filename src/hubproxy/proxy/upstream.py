@@ -4,7 +4,7 @@ An `UpstreamConnection` answers one request at a time. It parses the response wi
 and writes it to the client re-framed for the client (the proxy removes `Transfer-Encoding` and
 chunks again itself), gathering everything one read produces into a single write. Its life is
 a few named phases (`Phase`), changed only by `_enter`, which refuses a transition the table
-does not allow and tells the pool when a loan begins or ends:
+does not allow and tells the pool when a connection joins it or leaves it:
 
     NEW ──> WAITING ──> HEAD ──> BODY ──> DONE ──> IDLE ──> WAITING ...
               │  ^        └───> TUNNEL               (and from any phase: CLOSED)
@@ -45,7 +45,6 @@ from hubproxy.proxy.headers import (
     rewrite_locations,
     upgrades_to_websocket,
 )
-from hubproxy.proxy.status import status_line
 
 if TYPE_CHECKING:
     from hubproxy.proxy.exchange import Request
@@ -65,15 +64,11 @@ class Phase(enum.Enum):
     TUNNEL = "tunnel"  # after 101: bytes both ways; never back in a pool
     CLOSED = "closed"
 
-    # set below, for `_enter`: a bit per phase, the bits of the phases it may go to (and of
-    # those among them that leave the pool's counts alone, begin a loan, end one), and whether
-    # a connection in this phase is on loan from its pool
+    # set below, for `_enter`: a bit per phase, the bits of the phases it may go to, and of
+    # those among them that make the connection join its pool or leave it
     bit: int
     allowed: int
-    quiet: int
-    begins: int
-    ends: int
-    lent: bool
+    moves_membership: int
 
 
 _NEXT = {
@@ -87,14 +82,13 @@ _NEXT = {
     Phase.CLOSED: (),
 }
 LENT = frozenset({Phase.WAITING, Phase.HEAD, Phase.BODY, Phase.DONE})
+# a pool's members: lent or idle (its `lent` count is its members less its idle ones)
+MEMBER = LENT | {Phase.IDLE}
 for _i, _phase in enumerate(Phase):
     _phase.bit = 1 << _i
-    _phase.lent = _phase in LENT
 for _phase, _to in _NEXT.items():
     _phase.allowed = sum(p.bit for p in _to)
-    _phase.quiet = sum(p.bit for p in _to if p.lent is _phase.lent and _phase is not Phase.IDLE)
-    _phase.begins = sum(p.bit for p in _to if p.lent and not _phase.lent)
-    _phase.ends = sum(p.bit for p in _to if _phase.lent and not p.lent)
+    _phase.moves_membership = sum(p.bit for p in _to if (p in MEMBER) != (_phase in MEMBER))
 
 # the hot path reads these as module globals (an Enum's class attribute costs ~90 ns)
 NEW, IDLE, WAITING, HEAD, BODY, DONE, TUNNEL, CLOSED = Phase
@@ -162,23 +156,19 @@ class UpstreamConnection(asyncio.Protocol):
     # -- phases ----------------------------------------------------------------------------------
 
     def _enter(self, phase: Phase) -> None:
-        # every request makes five moves, each told apart by one bit test, commonest first
-        # (the pool's counts change on two of them)
+        # five moves per request, none of which changes the pool's membership: one bit test
+        # to allow a move, one to tell the pool when a connection joins it (a new one lent
+        # for the first time) or leaves it (closed, or a tunnel)
         old = self.phase
         bit = phase.bit
-        if old.quiet & bit:
-            self.phase = phase
-        elif old.begins & bit:
-            self.phase = phase
-            self.pool.loan_began()
-        elif old.ends & bit:
-            self.phase = phase
-            self.pool.loan_ended()
-        elif old.allowed & bit:  # what is left: an idle connection closes
-            self.phase = phase
-            self.pool.idle_closed(self)
-        else:
+        if not old.allowed & bit:
             raise InvalidTransition(f"upstream connection: {old.name} -> {phase.name}")
+        self.phase = phase
+        if old.moves_membership & bit:
+            if old is NEW:
+                self.pool.joined()
+            else:
+                self.pool.left(self, old is IDLE)
 
     def lend(self, reused: bool) -> None:
         """The pool lends this connection (new, or idle until now): it expects a new answer.
@@ -422,7 +412,7 @@ class UpstreamConnection(asyncio.Protocol):
         §15.2); the final response follows."""
         if request.http11:
             headers, _ = filter_response_headers(self.headers)
-            self.out.append(response_head(status_line(status, self.reason), headers, b""))
+            self.out.append(response_head(status, self.reason, headers, b""))
         self.headers = []
         self.reason = b""
         self.head_bytes = 0
@@ -434,7 +424,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise BadResponse("101 Switching Protocols to a request that asked for none")
         if not upgrades_to_websocket(self.headers):
             raise BadResponse("101 Switching Protocols without Upgrade: websocket")
-        self.out.append(response_head(status_line(101, self.reason), self.headers, b""))
+        self.out.append(response_head(101, self.reason, self.headers, b""))
         self._enter(TUNNEL)
 
     def _final_head(self, request: Request, status: int) -> None:
@@ -446,12 +436,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.relay, self.ends_at_close, skip_body, keep_client = response_framing(
             status, self.headers, length, request.head, request.http11, request.websocket
         )
-        client = request.client
-        extra = client.connection_header(request, keep_client)
+        extra = request.client.answer_begins(request, status, keep_client)
         if self.relay == RELAY_CHUNKED:
             extra = b"Transfer-Encoding: chunked\r\n" + extra
-        self.out.append(response_head(status_line(status, self.reason), headers, extra))
-        client.count_response(status)
+        self.out.append(response_head(status, self.reason, headers, extra))
         if skip_body:
             # llhttp expects a body (until EOF without a length) and says "not keep-alive"; a
             # HEAD response has none, so it ends here, judged by version and Connection alone
