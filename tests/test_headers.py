@@ -161,6 +161,20 @@ def test_x_forwarded_port(host: bytes, proto: bytes, port: bytes) -> None:
     assert values(headers, b"x-forwarded-proto") == [proto]
 
 
+@pytest.mark.parametrize(
+    "host",
+    [b"h:8000", b"h", b"h:", b"h:80x", b"h:8:0", b"a:b:80", b"h:\xd9\xa1", b":80", b"[::1]:9010",
+     b"[::1]", b"[::1]x:80", b"[::1", b"8080", b"h:+80", b"h: 80"],
+)  # fmt: skip
+def test_x_forwarded_port_is_split_hosts_port(host: bytes) -> None:
+    """build_request_head spells split_host's common case out (it runs per request): the same
+    port for every Host, the odd ones too, or the default one where split_host finds none."""
+    from hubproxy.proxy.paths import split_host
+
+    _, headers, _ = build([(b"Host", host)])
+    assert values(headers, b"x-forwarded-port") == [split_host(host)[1] or b"80"]
+
+
 def test_x_forwarded_for_is_the_client_address() -> None:
     _, headers, _ = build([(b"Host", HOST)], client_ip=b"::ffff:10.0.0.7")
     assert values(headers, b"x-forwarded-for") == [b"::ffff:10.0.0.7"]

@@ -140,7 +140,12 @@ def build_request_head(
     elif not rules.custom_host:
         out += (b"Host: ", target.netloc if host is None else host, b"\r\n")
     if rules.x_forward:
-        port = split_host(host)[1] if host else None
+        if host and host[:1] != b"[":  # split_host's common case, spelt out: per request
+            _, colon, port = host.partition(b":")
+            if not colon or not port.isdigit():  # (bytes.isdigit: ASCII digits only)
+                port = None
+        else:
+            port = split_host(host)[1] if host else None
         if port is None:
             port = b"443" if proto in (b"https", b"wss") else b"80"
         # spelt out, not a loop over a list of tuples: this runs for every request
@@ -166,7 +171,8 @@ def build_request_head(
     if websocket:
         out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     out.append(b"\r\n")
-    return RequestHead(b"".join(out), body, host)
+    # (tuple.__new__: a NamedTuple's own __new__ is a Python function, a call per request)
+    return tuple.__new__(RequestHead, (b"".join(out), body, host))
 
 
 def _without(out: list[bytes], names: set[bytes]) -> list[bytes]:
