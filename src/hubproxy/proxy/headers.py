@@ -140,12 +140,13 @@ def build_request_head(
     elif not rules.custom_host:
         out += (b"Host: ", target.netloc if host is None else host, b"\r\n")
     if rules.x_forward:
+        port: bytes | None = None
         if host and host[:1] != b"[":  # split_host's common case, spelt out: per request
-            _, colon, port = host.partition(b":")
-            if not colon or not port.isdigit():  # (bytes.isdigit: ASCII digits only)
-                port = None
-        else:
-            port = split_host(host)[1] if host else None
+            _, colon, given = host.partition(b":")
+            if colon and given.isdigit():  # (bytes.isdigit: ASCII digits only)
+                port = given
+        elif host:
+            port = split_host(host)[1]
         if port is None:
             port = b"443" if proto in (b"https", b"wss") else b"80"
         # spelt out, not a loop over a list of tuples: this runs for every request

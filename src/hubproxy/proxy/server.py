@@ -54,7 +54,7 @@ from hubproxy.proxy.paths import BadPath, decode_path, host_key, split_target
 from hubproxy.proxy.pool import Pool, describe_error
 from hubproxy.proxy.stats import DURATION_BUCKETS, LOOKUP_SAMPLE_EVERY
 from hubproxy.proxy.status import reason, status_line
-from hubproxy.proxy.target import Target, TargetError, UnresolvableTarget
+from hubproxy.proxy.target import TargetError, UnresolvableTarget
 from hubproxy.proxy.upstream import UpstreamConnection
 from hubproxy.routing import Route
 
