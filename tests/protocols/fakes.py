@@ -228,6 +228,8 @@ class FakeConnector:
         self.attempts: list[tuple[str, int]] = []
         self.failures: list[BaseException] = []  # raised by the next attempts, in turn
         self.hold = False  # attempts wait for `finish_connecting`
+        # the peer's first moves, between connection_made and the pool getting the connection
+        self.on_connected: Callable[[Target], None] | None = None
         self._held: list[asyncio.Future[None]] = []
 
     async def create_connection(
@@ -250,6 +252,8 @@ class FakeConnector:
         protocol = protocol_factory()
         transport = FakeTransport(protocol, peername=(host, port), can_write_eof=ssl is None)
         self.targets.append(transport.connect())
+        if self.on_connected is not None:
+            self.on_connected(self.targets[-1])
         return transport, protocol
 
     @property

@@ -267,3 +267,25 @@ async def test_client_gone_while_idle(proxy: Proxy) -> None:
     await proxy.run_callbacks()
     assert target.protocol.phase is Phase.IDLE
     assert proxy.counts() == (0, 1)
+
+
+@pytest.mark.parametrize("first", ["speaks", "reset", "eof"])
+async def test_target_gone_before_it_is_lent(proxy: Proxy, first: str) -> None:
+    """A new connection the target speaks on (a banner) or closes before the pool has lent it:
+    never lent, a 503 (a new connection that fails says the target is down), nothing left."""
+
+    def act(target: Target) -> None:
+        if first == "speaks":
+            target.receive(b"SSH-2.0-OpenSSH\r\n")
+        else:
+            reset(target, first)
+
+    proxy.connector.on_connected = act
+    client = proxy.client()
+    client.receive(request())
+    await proxy.run_callbacks()
+    assert client.take() == UNAVAILABLE
+    [target] = proxy.targets
+    assert target.protocol.phase is Phase.CLOSED and target.writes == []
+    assert len(proxy.connector.attempts) == 1
+    assert proxy.counts() == (0, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hubproxy.proxy.server import MAX_PIPELINED
+from hubproxy.proxy.server import FEED_SLICE, MAX_PIPELINED, piece_end
 from hubproxy.proxy.upstream import Phase
 
 from .fakes import CLOSE, KEEP_ALIVE, Proxy, forwarded, request, response
@@ -76,17 +76,92 @@ async def test_pipelined_reads_past_the_slice_are_held(proxy: Proxy) -> None:
     assert client.reading
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the pipelining limit is checked per FEED_SLICE (16 KiB), so one read of tiny "
-    "requests queues hundreds of them, not MAX_PIPELINED",
-)
 async def test_pipelining_limit_holds_within_one_read(proxy: Proxy) -> None:
     """At most MAX_PIPELINED requests are parsed ahead of the one answered (docs: "32 parsed
     ahead at most"), however small they are."""
     client = proxy.client()
     client.receive(request("GET", "/x", host="h") * 200)  # 200 requests, 4 KiB
     assert len(client.protocol.queue) <= MAX_PIPELINED
+
+
+async def test_pipelining_limit_holds_for_large_requests_in_one_read(proxy: Proxy) -> None:
+    """Requests of a few hundred bytes each (cookies) pipelined in reads of every size: never
+    more than MAX_PIPELINED wait, and all are answered, in order."""
+    cookie = [("Cookie", "c" * 300)]
+    count = 80
+    stream = b"".join(request("GET", f"/{i}", cookie, host="h") for i in range(count))
+    client = proxy.client()
+    for size in (700, 5000, len(stream)):
+        client.receive(stream[:size])
+        stream = stream[size:]
+        assert len(client.protocol.queue) <= MAX_PIPELINED
+        if not client.reading:
+            break
+    await proxy.run_callbacks()
+    [target] = proxy.targets
+    answered = 0
+    while answered < count:
+        if stream and client.reading:
+            client.receive(stream)
+            stream = b""
+            assert len(client.protocol.queue) <= MAX_PIPELINED
+        assert target.take().startswith(b"GET /%d " % answered)
+        target.receive(response(body=b"%d" % answered))
+        await proxy.run_callbacks()
+        assert client.take() == ok(b"%d" % answered)
+        answered += 1
+    assert not client.protocol.held and not client.protocol.queue and not stream
+
+
+HEAD = b"GET / HTTP/1.0\r\n\r\n"  # the shortest head
+
+
+@pytest.mark.parametrize(
+    ("data", "start", "room", "end"),
+    [
+        (HEAD * 3, 0, 5, len(HEAD) * 3),  # room for all: the whole read
+        (HEAD * 3, 0, 2, len(HEAD) * 2 - 1),  # inside the second head's end
+        (HEAD * 3, 0, 1, len(HEAD) - 1),
+        (HEAD * 3, len(HEAD) - 1, 1, len(HEAD) * 2 - 1),  # the last byte of a head, then one
+        (b"\r\n\r\n\r\n", 0, 1, 3),  # overlapping ends count once
+        (b"x" * (FEED_SLICE + 10), 0, 1, FEED_SLICE),  # no head end: a slice at most
+        (b"x" * (FEED_SLICE + 10), 10, 1, FEED_SLICE + 10),
+        (b"", 0, 3, 0),
+    ],
+)
+def test_piece_end(data: bytes, start: int, room: int, end: int) -> None:
+    assert piece_end(data, start, room) == end
+
+
+@pytest.mark.parametrize("room", [1, 2, 5, MAX_PIPELINED])
+@pytest.mark.parametrize("size", [18, 40, 333])
+def test_a_piece_completes_no_more_heads_than_there_is_room_for(room: int, size: int) -> None:
+    """Fed piece by piece to a real parser (a head may be under way from an earlier piece), no
+    piece completes more than `room` heads, and every head is completed."""
+    import httptools
+
+    one = b"GET /" + b"x" * (size - 18) + b" HTTP/1.1\r\n\r\n"
+
+    class Counter:
+        heads = 0
+
+        def on_headers_complete(self) -> None:
+            self.heads += 1
+
+    for offset in range(0, size, 7):  # where the stream is cut before the pieces begin
+        stream = one * 50
+        counter = Counter()
+        parser = httptools.HttpRequestParser(counter)
+        parser.feed_data(stream[:offset])
+        start = offset
+        while start < len(stream):
+            end = piece_end(stream, start, room)
+            assert end > start
+            before = counter.heads
+            parser.feed_data(stream[start:end])
+            assert counter.heads - before <= room
+            start = end
+        assert counter.heads == 50
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,8 @@ class Pool:
                 )
         finally:
             self.connecting -= 1
+        if conn.phase is CLOSED:  # the target spoke (a banner) or hung up before it was asked
+            raise ConnectionResetError(errno.ECONNRESET, "closed before a request was sent")
         conn.lend(reused=False)
         return conn
 

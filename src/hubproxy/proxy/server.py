@@ -74,9 +74,13 @@ HEALTH_BODY = b'{"status":"OK"}'
 # requests parsed ahead of the one being answered; the rest of a read waits unparsed, so a
 # client pipelining thousands of tiny requests in one read costs a few KiB, not megabytes
 MAX_PIPELINED = 32
-# a read larger than this is parsed in slices of it, so that the pipelining limit (and the head
-# limit) can stop parsing part-way through a read
+# a read larger than this is parsed in slices of it, so that the head limit can stop parsing
+# part-way through a read
 FEED_SLICE = 16 * 1024
+# the shortest request head (`GET / HTTP/1.0` and an empty line): a read shorter than this many
+# times the room left in the pipeline cannot complete more heads than there is room for
+MIN_HEAD = 18
+HEAD_END = b"\r\n\r\n"  # every head ends so (llhttp insists on CRLF)
 LOGGED_URL = 1024  # characters of a request-target that go into an error line
 
 
@@ -290,27 +294,32 @@ class ClientConnection(asyncio.Protocol):
             # bytes between requests start the head clock even if they begin no head (blank
             # lines, which llhttp skips), so that trickling them cannot hold the connection
             self.head_began = now
-        if len(data) <= FEED_SLICE and len(self.queue) < MAX_PIPELINED:
-            self._parse(data)  # nearly always: one call, not two
+        # nearly always one call, not two: the read cannot complete more heads than the
+        # pipeline has room for (by its length, or by counting its head ends)
+        size = len(data)
+        room = MAX_PIPELINED - len(self.queue)
+        if size <= MIN_HEAD * room or (size <= FEED_SLICE and data.count(HEAD_END) < room):
+            self._parse(data)
         else:
             self._parse_all(data)
 
     def _parse_all(self, data: bytes) -> None:
-        """Parse `data`, in slices if it is large, holding back what MAX_PIPELINED leaves."""
-        if len(data) <= FEED_SLICE and len(self.queue) < MAX_PIPELINED:
-            self._parse(data)
-            return
+        """Parse `data` in pieces that cannot complete more heads than the pipeline has room
+        for (nor be longer than FEED_SLICE), holding back what MAX_PIPELINED leaves."""
         view = memoryview(data)
-        for start in range(0, len(data), FEED_SLICE):
-            if len(self.queue) >= MAX_PIPELINED:
+        start, size = 0, len(data)
+        while start < size:
+            room = MAX_PIPELINED - len(self.queue)
+            if room <= 0:
                 self.held = data[start:]
                 self.gate.pause(PIPELINE)
                 return
-            end = start + FEED_SLICE
-            if not self._parse(view[start:end]):
-                if self.upgrading is not None and end < len(data):
+            end = piece_end(data, start, room)
+            if not self._parse(view[start:end] if start or end < size else data):
+                if self.upgrading is not None and end < size:
                     self._hold_after_upgrade(data[end:])
                 return
+            start = end
 
     def _parse(self, data: bytes | memoryview) -> bool:
         """Feed the parser; False once parsing has stopped (an upgrade, an error, a close)."""
@@ -880,6 +889,21 @@ class ClientConnection(asyncio.Protocol):
         if self.active is not None:
             self.active.unlink()
         self.close()
+
+
+def piece_end(data: bytes, start: int, room: int) -> int:
+    """Where a piece of `data` from `start` ends so that at most `room` heads complete in it
+    (and it is no longer than FEED_SLICE). A head completes only with the last byte of its
+    HEAD_END, and one may have begun in bytes parsed before; so the piece ends inside the
+    `room`-th HEAD_END from `start`, whose head then completes in the next piece."""
+    limit = min(len(data), start + FEED_SLICE)
+    end = start
+    for _ in range(room):
+        found = data.find(HEAD_END, end, limit)
+        if found < 0:
+            return limit
+        end = found + len(HEAD_END)
+    return end - 1  # its last byte goes with the next piece
 
 
 def _websocket_acceptable(request: Request) -> bool:
