@@ -308,3 +308,25 @@ async def test_100_continue_refused(proxy: Proxy) -> None:
     client.receive(b"hello")
     assert client.protocol.unfinished is None
     assert target.late_writes == [] and client.writes == []
+
+
+async def test_own_answers_stop_parsing_once_the_client_is_full(proxy: Proxy) -> None:
+    """Requests the proxy answers itself (here health checks) never wait in the queue: once
+    the client stops reading them, the rest of the read waits unparsed (not a few thousand
+    answers buffered), and is answered once the client reads again."""
+    count = 300
+    client = proxy.client()
+    client.fill_on_write = True  # the first answer fills the client's buffer
+    client.receive(request("GET", "/_chp_healthz", host="h") * count)
+    assert client.protocol.held
+    assert len(client.writes) <= MAX_PIPELINED
+    answered = len(client.writes)
+    while client.protocol.held or client.buffered:
+        client.fill_on_write = True
+        client.drain()
+        await proxy.run_callbacks()
+        assert len(client.writes) - answered <= MAX_PIPELINED
+        answered = len(client.writes)
+    assert answered == count
+    assert all(w.startswith(b"HTTP/1.1 200 ") for w in client.writes)
+    assert client.reading and not client.protocol.queue

@@ -246,6 +246,8 @@ class ClientConnection(asyncio.Protocol):
         if active is not None and active.upstream is not None:
             active.upstream.client_drained()
         self.gate.resume(CLIENT_FULL)
+        if self.held:  # what waited for the client to read our own answers
+            self._parse_held_later()
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -310,7 +312,9 @@ class ClientConnection(asyncio.Protocol):
         start, size = 0, len(data)
         while start < size:
             room = MAX_PIPELINED - len(self.queue)
-            if room <= 0:
+            if room <= 0 or self.writing_paused:
+                # the pipeline is full; or the client does not read what the proxy answered
+                # itself (a 404, the health check: those never wait in the queue)
                 self.held = data[start:]
                 self.gate.pause(PIPELINE)
                 return
@@ -754,6 +758,11 @@ class ClientConnection(asyncio.Protocol):
                 self.head_began = self.idle_since
             if not self.held and self.gate.reasons & PIPELINE:  # per request: a call saved
                 self.gate.resume(PIPELINE)
+        if self.held:  # (guarded here: per request, and rarely true)
+            self._parse_held_later()
+
+    def _parse_held_later(self) -> None:
+        """Parse the held bytes soon, if there is room for them now."""
         if self.held and not self.parse_held_soon and len(self.queue) < MAX_PIPELINED:
             # not now: this may run inside a parser callback, and the parser is not re-entrant
             self.parse_held_soon = True
