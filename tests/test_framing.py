@@ -173,10 +173,9 @@ def test_a_closing_transport_is_not_resumed() -> None:
 MOVES = {
     (Phase.NEW, Phase.WAITING),
     (Phase.IDLE, Phase.WAITING),
-    (Phase.WAITING, Phase.HEAD),
+    (Phase.WAITING, Phase.BODY),
+    (Phase.WAITING, Phase.TUNNEL),
     (Phase.WAITING, Phase.IDLE),
-    (Phase.HEAD, Phase.BODY),
-    (Phase.HEAD, Phase.TUNNEL),
     (Phase.BODY, Phase.DONE),
     (Phase.DONE, Phase.IDLE),
 }

@@ -114,7 +114,7 @@ async def test_content_length_response_in_pieces(proxy: Proxy) -> None:
     await proxy.run_callbacks()
     [target] = proxy.targets
     target.receive(b"HTTP/1.1 200 O")
-    assert target.protocol.phase is Phase.HEAD
+    assert target.protocol.phase is Phase.WAITING
     assert client.writes == []
     target.receive(b"K\r\nContent-Length: 6\r\n\r\nabc")
     assert target.protocol.phase is Phase.BODY
@@ -212,14 +212,14 @@ async def test_no_body_statuses(proxy: Proxy, status: int, line: bytes) -> None:
 
 async def test_interim_responses_relayed(proxy: Proxy) -> None:
     """1xx responses (103 Early Hints) go to an HTTP/1.1 client as they come; the connection
-    stays in HEAD until the final response."""
+    waits (WAITING) for the final response."""
     client = proxy.client()
     client.receive(request())
     await proxy.run_callbacks()
     [target] = proxy.targets
     target.receive(response(103, [("Link", "</s.css>; rel=preload")], length=False))
     assert client.take() == b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
-    assert target.protocol.phase is Phase.HEAD
+    assert target.protocol.phase is Phase.WAITING
     target.receive(response(200, body=b"ok"))
     assert client.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + KEEP_ALIVE + b"\r\nok"
     assert target.protocol.phase is Phase.IDLE

@@ -57,7 +57,7 @@ async def test_target_gone_in_head(proxy: Proxy, how: str) -> None:
     """The target goes away in the middle of its answer's head: still ours to answer, a 503."""
     client, target = await lent(proxy)
     target.receive(b"HTTP/1.1 200 OK\r\nContent-Le")
-    assert target.protocol.phase is Phase.HEAD
+    assert target.protocol.phase is Phase.WAITING and not target.protocol.heard_nothing
     reset(target, how)
     await proxy.run_callbacks()
     assert client.take() == UNAVAILABLE
@@ -175,13 +175,25 @@ async def test_post_not_retried(proxy: Proxy) -> None:
 
 
 async def test_no_retry_once_the_answer_began(proxy: Proxy) -> None:
-    """A reused connection that fails after a byte of the answer (HEAD): a 503, no retry."""
+    """A reused connection that fails after a byte of the answer: a 503, no retry."""
     client, stale = await pooled(proxy)
     client.receive(request("GET", "/again"))
     stale.receive(b"HTTP/1.1 2")
     stale.reset()
     await proxy.run_callbacks()
     assert client.take() == UNAVAILABLE
+    assert len(proxy.connector.attempts) == 1
+
+
+async def test_no_retry_after_an_interim_answer(proxy: Proxy) -> None:
+    """A reused connection that fails after a whole 1xx (relayed already): a 503, no retry."""
+    client, stale = await pooled(proxy)
+    client.receive(request("GET", "/again"))
+    stale.receive(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+    assert stale.protocol.phase is Phase.WAITING and not stale.protocol.heard_nothing
+    stale.reset()
+    await proxy.run_callbacks()
+    assert client.take().endswith(UNAVAILABLE)
     assert len(proxy.connector.attempts) == 1
 
 

@@ -286,7 +286,7 @@ async def test_100_continue(proxy: Proxy) -> None:
     )
     target.receive(b"HTTP/1.1 100 Continue\r\n\r\n")
     assert client.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
-    assert target.protocol.phase is Phase.HEAD
+    assert target.protocol.phase is Phase.WAITING  # a 1xx came; the final head is awaited
     client.receive(b"hello")
     assert target.take() == b"hello"
     target.receive(response(200, body=b"got it"))

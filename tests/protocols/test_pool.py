@@ -38,7 +38,7 @@ async def exchange(proxy: Proxy, client: Client, path: str = "/") -> Target:
 
 async def test_given_back_then_lent_again(proxy: Proxy, phases: list[Phase]) -> None:
     """A connection given back is IDLE in its pool, and the next request borrows it (reused):
-    one connection, its phases NEW -> WAITING -> HEAD -> BODY -> DONE -> IDLE, twice."""
+    one connection, its phases NEW -> WAITING -> BODY -> DONE -> IDLE, twice."""
     client = proxy.client()
     first = await exchange(proxy, client)
     assert first.protocol.phase is Phase.IDLE and not first.protocol.reused
@@ -48,7 +48,7 @@ async def test_given_back_then_lent_again(proxy: Proxy, phases: list[Phase]) -> 
     second = await exchange(proxy, client, "/again")
     assert second is first and first.protocol.reused
     assert len(proxy.connector.attempts) == 1
-    one = [Phase.WAITING, Phase.HEAD, Phase.BODY, Phase.DONE, Phase.IDLE]
+    one = [Phase.WAITING, Phase.BODY, Phase.DONE, Phase.IDLE]
     assert phases == one + one
 
 

@@ -176,7 +176,8 @@ async def test_idle_pooled_connection_closed_after_30s(proxy: Proxy) -> None:
 
 async def test_sweep_far_ahead_in_each_phase(make_proxy: MakeProxy) -> None:
     """One sweep far ahead, with every timeout set, over connections in each phase (IDLE,
-    WAITING, HEAD, BODY, TUNNEL): each ends as documented, and nothing stays lent."""
+    WAITING, WAITING with part of a head, BODY, TUNNEL): each ends as documented, and nothing
+    stays lent."""
     proxy = make_proxy(timeout=60_000, proxy_timeout=60_000)
     waiting_client, _ = await waiting(proxy)
     head_client, head = await waiting(proxy)

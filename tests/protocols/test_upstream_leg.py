@@ -97,7 +97,9 @@ ENDINGS = [
     pytest.param("waiting", b"", None, False, ("upstream_failed", False), id="waiting"),
     pytest.param("waiting", b"", None, True, ("upstream_failed", True), id="waiting-reused"),
     pytest.param("waiting", b"", RESET, True, ("upstream_failed", True), id="reused-reset"),
-    pytest.param("head", b"HTTP/1.1 200 OK\r\n", None, True, ("upstream_failed", False), id="head"),
+    pytest.param(
+        "waiting", b"HTTP/1.1 200 OK\r\n", None, True, ("upstream_failed", False), id="head"
+    ),
     pytest.param("body", LENGTH, None, False, ("response_broken", None), id="body"),
     pytest.param("body", TO_CLOSE, None, False, ("response_done", 200), id="body-to-close"),
     pytest.param(

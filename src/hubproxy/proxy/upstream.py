@@ -6,9 +6,12 @@ chunks again itself), gathering everything one read produces into a single write
 a few named phases (`Phase`), changed only by `_enter`, which refuses a transition the table
 does not allow and tells the pool when a connection joins it or leaves it:
 
-    NEW ──> WAITING ──> HEAD ──> BODY ──> DONE ──> IDLE ──> WAITING ...
-              │  ^        └───> TUNNEL               (and from any phase: CLOSED)
+    NEW ──> WAITING ──> BODY ──> DONE ──> IDLE ──> WAITING ...
+              │  ^ └───> TUNNEL                (and from any phase: CLOSED)
               └──┴── IDLE (given back unused)
+
+(As h11's SEND_RESPONSE, WAITING lasts until the answer's head is complete: whether a byte of
+it came, which decides a retry, is told by the parser's own counts.)
 
 After a complete response that left the connection reusable it goes back to its pool; anything
 else closes it, so a connection whose response was not read to its end is never reused. After
@@ -57,8 +60,7 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a reason p
 class Phase(enum.Enum):
     NEW = "new"  # connected, not lent yet
     IDLE = "idle"  # in its pool
-    WAITING = "waiting"  # lent: its request is going out; no byte of the answer yet
-    HEAD = "head"  # the answer's head is arriving (after any 1xx)
+    WAITING = "waiting"  # lent: its request goes out, the answer's head comes (any 1xx too)
     BODY = "body"  # the head went to the client; the body follows
     DONE = "done"  # the whole answer is parsed
     TUNNEL = "tunnel"  # after 101: bytes both ways; never back in a pool
@@ -74,14 +76,13 @@ class Phase(enum.Enum):
 _NEXT = {
     Phase.NEW: (Phase.WAITING, Phase.CLOSED),
     Phase.IDLE: (Phase.WAITING, Phase.CLOSED),
-    Phase.WAITING: (Phase.HEAD, Phase.IDLE, Phase.CLOSED),
-    Phase.HEAD: (Phase.BODY, Phase.TUNNEL, Phase.CLOSED),
+    Phase.WAITING: (Phase.BODY, Phase.TUNNEL, Phase.IDLE, Phase.CLOSED),
     Phase.BODY: (Phase.DONE, Phase.CLOSED),
     Phase.DONE: (Phase.IDLE, Phase.CLOSED),
     Phase.TUNNEL: (Phase.CLOSED,),
     Phase.CLOSED: (),
 }
-LENT = frozenset({Phase.WAITING, Phase.HEAD, Phase.BODY, Phase.DONE})
+LENT = frozenset({Phase.WAITING, Phase.BODY, Phase.DONE})
 # a pool's members: lent or idle (its `lent` count is its members less its idle ones)
 MEMBER = LENT | {Phase.IDLE}
 for _i, _phase in enumerate(Phase):
@@ -91,7 +92,7 @@ for _phase, _to in _NEXT.items():
     _phase.moves_membership = sum(p.bit for p in _to if (p in MEMBER) != (_phase in MEMBER))
 
 # the hot path reads these as module globals (an Enum's class attribute costs ~90 ns)
-NEW, IDLE, WAITING, HEAD, BODY, DONE, TUNNEL, CLOSED = Phase
+NEW, IDLE, WAITING, BODY, DONE, TUNNEL, CLOSED = Phase
 
 
 class InvalidTransition(RuntimeError):
@@ -192,6 +193,12 @@ class UpstreamConnection(asyncio.Protocol):
             gate.resume(CLIENT_FULL)
 
     @property
+    def heard_nothing(self) -> bool:
+        """No byte of the answer has come (since `lend`): not a status line's first byte (it
+        counts in `unparsed` until the head completes), nor a whole 1xx (its `status`)."""
+        return not self.unparsed and not self.status
+
+    @property
     def answering(self) -> bool:
         return self.phase is BODY or self.phase is DONE or self.phase is TUNNEL
 
@@ -253,7 +260,9 @@ class UpstreamConnection(asyncio.Protocol):
         elif phase is BODY or phase is DONE:
             client.response_broken(request)
         else:
-            retryable = self.reused and phase is WAITING
+            # nothing of the answer came on a reused connection: the target had closed it
+            # while it was idle, and the request may go again (the caller decides)
+            retryable = self.reused and phase is WAITING and self.heard_nothing
             client.upstream_failed(request, exc, retryable=retryable)
 
     def eof_received(self) -> bool | None:
@@ -310,8 +319,6 @@ class UpstreamConnection(asyncio.Protocol):
         if phase is TUNNEL:
             client.send(data, now)
             return
-        if phase is WAITING:
-            self._enter(HEAD)
         self.unparsed += len(data)  # reset by the callbacks that show progress
         try:
             self.parser.feed_data(data)
@@ -381,7 +388,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.phase is not HEAD:
+        if self.phase is not WAITING:
             return  # a trailer: dropped (its bytes are bounded by `unparsed`)
         headers = self.headers
         headers.append((name, value))
@@ -392,7 +399,7 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def on_headers_complete(self) -> None:
-        if self.phase is not HEAD:  # a second response to one request
+        if self.phase is not WAITING:  # a second response to one request
             raise BadResponse("more than one response to one request")
         self.unparsed = 0
         self.status = status = self.parser.get_status_code()
