@@ -455,6 +455,25 @@ async def test_bad_json_is_400(api: Api, hub_log: ListHandler) -> None:
     )
 
 
+@pytest.mark.parametrize("depth", [65, 300, 600, 800, 900, 5000])
+async def test_deeply_nested_json_is_400_and_the_api_goes_on(api: Api, depth: int) -> None:
+    """Route data nested deeper than MAX_DEPTH (64) is refused with a 400 (at ~950 levels it
+    parsed, then broke the JSON encoder: a 500); 64 levels are kept and served whole."""
+    deep = b'{"target": "http://x", "data": ' + b"[" * depth + b"]" * depth + b"}"
+    reply = await api.call("POST", "/deep", body=deep)
+    assert reply.status == 400
+    assert reply.body in (
+        b"Body not valid JSON: nested more than 64 levels deep",
+        b"Body not valid JSON: SyntaxError: nested too deeply",  # past the parser's own limit
+    )
+    ok = b'{"target": "http://x", "data": ' + b"[" * 63 + b"]" * 63 + b"}"
+    assert (await api.call("POST", "/deep", body=ok)).status == 201
+    data = (await api.call("GET", "/deep")).json()["data"]
+    for _ in range(62):
+        (data,) = data
+    assert data == []
+
+
 async def test_empty_body_is_bad_json(api: Api) -> None:
     reply = await api.call("POST", "/foo", body=b"")
     assert (reply.status, reply.body) == (

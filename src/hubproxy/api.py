@@ -31,7 +31,7 @@ Deliberate differences from CHP (docs/compatibility.md): where CHP hangs (a malf
 handler crashes 500; the request path is matched as sent (CHP first resolves dot segments and
 backslashes with WHATWG URL parsing); a date-time without offset in `inactive_since` is UTC (JS:
 local time); the token is checked before the body is read (403 before 400); the body is limited
-to `MAX_BODY` bytes (413) and must be UTF-8.
+to `MAX_BODY` bytes (413), must be UTF-8, and may nest `MAX_DEPTH` levels at most (400).
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ log = logging.getLogger("hubproxy")
 
 # the largest POST body we read; CHP has no limit (a token holder could still fill the memory)
 MAX_BODY = 1024 * 1024
+# how deep a POST body may nest: a hub's route data is one flat object, and data nested ~950
+# deep parsed, then broke the encoders (json, the stores) on their way through: a 500
+MAX_DEPTH = 64
 
 _API_PATH = re.compile(r"^/api/routes(/.*)?$")
 _ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
@@ -113,9 +116,28 @@ def parse_body(body: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise ValueError(f"body is not UTF-8 ({e.reason} at byte {e.start})") from None
     data = json_parse(text)
+    if not _nests_within(data, MAX_DEPTH):
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
     if data is None or data is False or data == "" or (type(data) in (int, float) and data == 0):
         return {}
     return data
+
+
+def _nests_within(value: Any, depth: int) -> bool:
+    """Whether `value`'s arrays and objects nest at most `depth` levels (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > depth:
+            return False
+        stack.extend((child, level + 1) for child in children)
+    return True
 
 
 def request_path(raw: str) -> str:
