@@ -114,16 +114,19 @@ async def test_pipelining_limit_holds_for_large_requests_in_one_read(proxy: Prox
 
 
 HEAD = b"GET / HTTP/1.0\r\n\r\n"  # the shortest head
+LONG = b"GET /" + b"x" * 22 + b" HTTP/1.0\r\n\r\n"  # 40 bytes
 
 
 @pytest.mark.parametrize(
     ("data", "start", "room", "end"),
     [
         (HEAD * 3, 0, 5, len(HEAD) * 3),  # room for all: the whole read
-        (HEAD * 3, 0, 2, len(HEAD) * 2 - 1),  # inside the second head's end
-        (HEAD * 3, 0, 1, len(HEAD) - 1),
+        (HEAD * 3, 0, 2, len(HEAD) * 2),  # 36 bytes hold two heads at most
+        (HEAD * 3, 0, 1, len(HEAD)),
         (HEAD * 3, len(HEAD) - 1, 1, len(HEAD) * 2 - 1),  # the last byte of a head, then one
-        (b"\r\n\r\n\r\n", 0, 1, 3),  # overlapping ends count once
+        (LONG * 3, 0, 2, len(LONG) * 2 - 1),  # inside the second head's end
+        (b"\r\n\r\n" * 20, 0, 2, 36),  # a body of head ends: the pieces stay 18 * room long
+        (b"\r\n\r\n\r\n", 0, 1, 6),
         (b"x" * (FEED_SLICE + 10), 0, 1, FEED_SLICE),  # no head end: a slice at most
         (b"x" * (FEED_SLICE + 10), 10, 1, FEED_SLICE + 10),
         (b"", 0, 3, 0),
@@ -330,3 +333,29 @@ async def test_own_answers_stop_parsing_once_the_client_is_full(proxy: Proxy) ->
     assert answered == count
     assert all(w.startswith(b"HTTP/1.1 200 ") for w in client.writes)
     assert client.reading and not client.protocol.queue
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_body_of_head_ends_costs_one_write_a_read(proxy: Proxy, framing: str) -> None:
+    """Body bytes cost the same whatever they hold: a body made of `\\r\\n\\r\\n` (which the
+    pipelining pieces count as possible head ends) reaches the target in one write per read,
+    as a body of anything else (it went in one write per 128 bytes)."""
+    read = b"\r\n\r\n" * (64 * 1024 // 4)
+    reads = 8
+    if framing == "length":
+        headers = [("Content-Length", str(len(read) * reads))]
+        pieces = [read] * reads
+    else:
+        headers = [("Transfer-Encoding", "chunked")]
+        chunk = b"%x\r\n" % (len(read) - 16) + read[: len(read) - 16] + b"\r\n"
+        pieces = [chunk] * reads + [b"0\r\n\r\n"]
+    client = proxy.client()
+    client.receive(request("POST", "/up", headers))
+    await proxy.run_callbacks()
+    [target] = proxy.targets
+    target.take()
+    for piece in pieces:
+        client.receive(piece)
+    assert len(target.writes) == len(pieces)
+    target.receive(response(body=b"ok"))
+    assert client.take().endswith(b"ok")

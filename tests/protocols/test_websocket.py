@@ -96,6 +96,18 @@ async def test_101_without_websocket_is_refused(proxy: Proxy) -> None:
     assert client.closing and target.aborted
 
 
+async def test_101_without_connection_upgrade_is_refused(proxy: Proxy) -> None:
+    """A 101 with `Upgrade: websocket` but no `Connection: upgrade` is no switch to llhttp (nor
+    to RFC 9110 §7.8): a bare 503 before any of it reaches the client (its head went out, then
+    the client was cut off)."""
+    client, target = await upgrading(proxy)
+    target.receive(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    assert client.take() == (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert client.closing and target.aborted and not client.protocol.tunnel
+
+
 async def test_upgrade_target_down(proxy: Proxy) -> None:
     """An upgrade whose target refuses the connection: a bare 503, and the client's connection
     closes."""

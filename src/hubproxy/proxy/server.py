@@ -307,7 +307,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _parse_all(self, data: bytes) -> None:
         """Parse `data` in pieces that cannot complete more heads than the pipeline has room
-        for (nor be longer than FEED_SLICE), holding back what MAX_PIPELINED leaves."""
+        for (nor be longer than FEED_SLICE), holding back what MAX_PIPELINED leaves. What the
+        pieces give of a body goes to the target in one write, as from one piece."""
         view = memoryview(data)
         start, size = 0, len(data)
         while start < size:
@@ -317,16 +318,19 @@ class ClientConnection(asyncio.Protocol):
                 # itself (a 404, the health check: those never wait in the queue)
                 self.held = data[start:]
                 self.gate.pause(PIPELINE)
-                return
+                break
             end = piece_end(data, start, room)
-            if not self._parse(view[start:end] if start or end < size else data):
+            if not self._parse(view[start:end] if start or end < size else data, flush=False):
                 if self.upgrading is not None and end < size:
                     self._hold_after_upgrade(data[end:])
-                return
+                return  # (flushed)
             start = end
+        self._flush_upstream()
 
-    def _parse(self, data: bytes | memoryview) -> bool:
-        """Feed the parser; False once parsing has stopped (an upgrade, an error, a close)."""
+    def _parse(self, data: bytes | memoryview, flush: bool = True) -> bool:
+        """Feed the parser; False once parsing has stopped (an upgrade, an error, a close),
+        what it gave of a body sent then. Else it is sent unless `flush` is False (the caller
+        feeds more of the same read, and sends it all at the end)."""
         # reset by the callbacks that show progress; what is left counts towards the head limit
         self.unparsed += len(data)
         try:
@@ -358,9 +362,12 @@ class ClientConnection(asyncio.Protocol):
                 return False
             self._bad_request(400, e)
             return False
-        self._flush_upstream()
         if self.unparsed > self.max_head:
+            self._flush_upstream()
             self._bad_request(431, HeadTooLarge(f"{self.unparsed} bytes of an unfinished head"))
+            return False
+        if flush:
+            self._flush_upstream()
         return not self.closed
 
     def _hold_after_upgrade(self, data: bytes) -> None:
@@ -903,8 +910,9 @@ class ClientConnection(asyncio.Protocol):
 def piece_end(data: bytes, start: int, room: int) -> int:
     """Where a piece of `data` from `start` ends so that at most `room` heads complete in it
     (and it is no longer than FEED_SLICE). A head completes only with the last byte of its
-    HEAD_END, and one may have begun in bytes parsed before; so the piece ends inside the
-    `room`-th HEAD_END from `start`, whose head then completes in the next piece."""
+    HEAD_END, and one may have begun in bytes parsed before: so the piece may end inside the
+    `room`-th HEAD_END from `start`, whose head then completes in the next piece; or, as
+    bodies may hold HEAD_ENDs too, after MIN_HEAD * `room` bytes, too few for more heads."""
     limit = min(len(data), start + FEED_SLICE)
     end = start
     for _ in range(room):
@@ -912,7 +920,7 @@ def piece_end(data: bytes, start: int, room: int) -> int:
         if found < 0:
             return limit
         end = found + len(HEAD_END)
-    return end - 1  # its last byte goes with the next piece
+    return min(limit, max(end - 1, start + MIN_HEAD * room))  # (end - 1: the next piece's)
 
 
 def _websocket_acceptable(request: Request) -> bool:

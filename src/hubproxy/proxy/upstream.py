@@ -431,6 +431,8 @@ class UpstreamConnection(asyncio.Protocol):
             raise BadResponse("101 Switching Protocols to a request that asked for none")
         if not upgrades_to_websocket(self.headers):
             raise BadResponse("101 Switching Protocols without Upgrade: websocket")
+        if not self.parser.should_upgrade():  # llhttp switches only with Connection: upgrade
+            raise BadResponse("101 Switching Protocols without Connection: upgrade")
         self.out.append(response_head(101, self.reason, self.headers, b""))
         self._enter(TUNNEL)
 
