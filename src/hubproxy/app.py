@@ -22,6 +22,7 @@ from hubproxy.api import ApiStats, create_api_app
 from hubproxy.config import Config
 from hubproxy.dashboard import dashboard_pages
 from hubproxy.eventloop import log_uncaught, loop_factory
+from hubproxy.fdlimit import raise_soft_limit
 from hubproxy.fdstore import Notifier, RouteKeeper, keep_routes, notify_ready
 from hubproxy.handover import (
     ENV_INTERIM,
@@ -59,6 +60,7 @@ log = logging.getLogger("hubproxy")
 def run(config: Config) -> int:
     """Run the proxy until SIGTERM or SIGINT (or, after SIGUSR2, until it has handed over to
     the hubproxy installed now, which then runs in this process); the process's exit code."""
+    raise_soft_limit()  # before any worker starts: they inherit it
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         result = runner.run(serve(config))
     if isinstance(result, Reexec):

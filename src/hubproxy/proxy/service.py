@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from hubproxy.config import Config
+from hubproxy.fdlimit import FdWatch
 from hubproxy.listen import BACKLOG
 from hubproxy.logs import AccessLogWriter
 from hubproxy.proxy.errors import ErrorPages
@@ -76,6 +77,7 @@ class ProxyService:
         self._access_writer = AccessLogWriter(config.log_format) if config.access_log else None
         self.access_log: AccessLog | None = self._access_writer
         self.connections: set[ClientConnection] = set()
+        self.fd_watch = FdWatch()
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -214,6 +216,7 @@ class ProxyService:
         client_timeout = (config.timeout or 0) / 1000
         proxy_timeout = (config.proxy_timeout or 0) / 1000
         headers_timeout = config.headers_timeout / 1000
+        tunnels = 0  # each holds a target connection too, no longer in a pool
         for conn in list(self.connections):
             if conn.closed:
                 if now - conn.closed_at > LINGER_SECONDS:
@@ -222,6 +225,7 @@ class ProxyService:
                     conn.abort()
                 continue
             if conn.tunnel:
+                tunnels += 1
                 continue
             active = conn.active
             if (
@@ -248,6 +252,8 @@ class ProxyService:
                 conn.upstream_timed_out()
         self.pools.close_idle(UPSTREAM_IDLE_SECONDS, now)
         self.pools.forget_unused()
+        in_use, idle = self.pools.counts()
+        self.fd_watch.check(len(self.connections) + tunnels + in_use + idle, now)
 
     # -- stopping ---------------------------------------------------------------------------------
 
