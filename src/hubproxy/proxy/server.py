@@ -321,9 +321,10 @@ class ClientConnection(asyncio.Protocol):
                 break
             end = piece_end(data, start, room)
             if not self._parse(view[start:end] if start or end < size else data, flush=False):
+                self._flush_upstream()  # (a no-op unless it stopped with the connection closed)
                 if self.upgrading is not None and end < size:
                     self._hold_after_upgrade(data[end:])
-                return  # (flushed)
+                return
             start = end
         self._flush_upstream()
 
