@@ -20,12 +20,17 @@ from support import TOKEN, Backend, Proxy, echo_app
 def start_proxy() -> Iterator[Callable[..., Proxy]]:
     """Start hubproxy on OS-chosen loopback ports: `start_proxy("--default-target", url)`.
 
-    `token=None` runs the API unauthenticated; `env` adds environment variables.
+    `token=None` runs the API unauthenticated; `env` adds environment variables; `preexec`
+    runs in the child before hubproxy (as Popen's preexec_fn).
     """
     started: list[Proxy] = []
 
     def start(
-        *args: str, token: str | None = TOKEN, env: dict[str, str] | None = None, umask: int = -1
+        *args: str,
+        token: str | None = TOKEN,
+        env: dict[str, str] | None = None,
+        umask: int = -1,
+        preexec: Callable[[], None] | None = None,
     ) -> Proxy:
         full_env = {k: v for k, v in os.environ.items() if k != "CONFIGPROXY_AUTH_TOKEN"}
         if token is not None:
@@ -36,7 +41,7 @@ def start_proxy() -> Iterator[Callable[..., Proxy]]:
             argv += ["--ip", "127.0.0.1", "--port", "0"]
         if not any(a.split("=")[0] == "--api-socket" for a in args):
             argv += ["--api-ip", "127.0.0.1", "--api-port", "0"]
-        proxy = Proxy([*argv, *args], full_env, token, umask)
+        proxy = Proxy([*argv, *args], full_env, token, umask, preexec=preexec)
         started.append(proxy)
         return proxy
 

@@ -3,17 +3,15 @@ once a minute) when the connections come near it, instead of connections silentl
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import resource
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from hubproxy.fdlimit import NR_OPEN, OTHERS, WARN_EVERY, FdWatch
-from support import TOKEN, Proxy
+from support import Proxy
 
 SOFT, HARD = resource.getrlimit(resource.RLIMIT_NOFILE)
 
@@ -27,18 +25,6 @@ def limited(soft: int, hard: int) -> Callable[[], None]:
     return apply
 
 
-@contextlib.contextmanager
-def proxy_with(soft: int, hard: int, *args: str) -> Iterator[Proxy]:
-    env = {k: v for k, v in os.environ.items() if k != "CONFIGPROXY_AUTH_TOKEN"}
-    env["CONFIGPROXY_AUTH_TOKEN"] = TOKEN
-    argv = ["--ip", "127.0.0.1", "--port", "0", "--api-ip", "127.0.0.1", "--api-port", "0"]
-    proxy = Proxy([*argv, *args], env, TOKEN, preexec=limited(soft, hard))
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
-
-
 def soft_limit_of(pid: int) -> int:
     with open(f"/proc/{pid}/limits") as f:
         for line in f:
@@ -48,28 +34,31 @@ def soft_limit_of(pid: int) -> int:
 
 
 @pytest.mark.skipif(HARD < 2048, reason="needs a hard limit of at least 2048")
-def test_the_soft_limit_is_raised_to_the_hard_one() -> None:
+def test_the_soft_limit_is_raised_to_the_hard_one(start_proxy: Callable[..., Proxy]) -> None:
     hard = min(HARD, NR_OPEN)
-    with proxy_with(1024, hard) as proxy:
-        assert soft_limit_of(proxy.proc.pid) == hard
-        assert proxy.request("GET", "/_chp_healthz")[0] == 200
+    proxy = start_proxy(preexec=limited(1024, hard))
+    assert soft_limit_of(proxy.proc.pid) == hard
+    assert proxy.request("GET", "/_chp_healthz")[0] == 200
 
 
-def test_a_low_limit_is_said_at_start_and_connections_near_it_warn() -> None:
+def test_a_low_limit_is_said_at_start_and_connections_near_it_warn(
+    start_proxy: Callable[..., Proxy],
+) -> None:
     """With 160 descriptors, the start says so; 120 open connections (plus OTHERS) warn once,
     and the proxy serves on once they are gone."""
-    with proxy_with(160, 160) as proxy:
-        proxy.wait_for_line(r"Only 160 file descriptors allowed")
-        socks = []
-        try:
-            for _ in range(120):
-                socks.append(socket.create_connection((proxy.host, proxy.port)))
-            line = proxy.wait_for_line(r"file descriptors in use \((\d+) connections\)")
-            assert int(line.group(1)) + OTHERS >= 160 * 0.9
-        finally:
-            for sock in socks:
-                sock.close()
-        assert proxy.request("GET", "/_chp_healthz")[0] == 200
+    proxy = start_proxy(preexec=limited(160, 160))
+    proxy.wait_for_line(r"Only 160 file descriptors allowed")
+    socks = []
+    try:
+        for _ in range(120):
+            socks.append(socket.create_connection((proxy.host, proxy.port)))
+        line = proxy.wait_for_line(r"file descriptors in use \((\d+) connections\)")
+        assert int(line.group(1)) + OTHERS >= 160 * 0.9
+    finally:
+        for sock in socks:
+            sock.close()
+    assert proxy.request("GET", "/_chp_healthz")[0] == 200
+    proxy.stop()
     warnings = [line for line in proxy.output().splitlines() if "descriptors in use" in line]
     assert len(warnings) == 1
 
